@@ -1,0 +1,69 @@
+"""The interface every meta-learning algorithm implements; the trainer knows nothing else."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metarun.data.episodes import TaskBatch
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+TASK_TYPES = (CLASSIFICATION, REGRESSION)
+
+
+class MetaAlgorithm(nn.Module):
+    """An ``nn.Module`` holding the meta-parameters.
+
+    ``meta_train_step`` returns the meta-loss (the trainer calls backward and the optimizer step)
+    and scalar metrics for logging. ``evaluate`` adapts on each task's support set and scores its
+    query set, returning one value per task (shape ``[B]``) for every metric so the trainer can
+    report a mean and a confidence interval over episodes. Evaluation never leaves gradients on
+    the meta-parameters.
+
+    Metric names: ``loss`` always; ``accuracy`` (a fraction in [0, 1]) for classification,
+    ``mse`` for regression.
+    """
+
+    #: CLASSIFICATION or REGRESSION: decides the loss, the metrics and which way "best" points.
+    task_type: str
+
+    def __init__(self, task_type: str) -> None:
+        super().__init__()
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+        self.task_type = task_type
+
+    @property
+    def primary_metric(self) -> str:
+        return "accuracy" if self.task_type == CLASSIFICATION else "mse"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.task_type == CLASSIFICATION
+
+    def meta_train_step(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def task_loss(outputs: Tensor, targets: Tensor, task_type: str) -> Tensor:
+    """Mean loss of one task's (or a flat batch's) predictions: cross-entropy or MSE.
+
+    ``outputs`` is ``[..., C]`` logits for classification, ``[..., 1]`` for regression.
+    """
+    if task_type == CLASSIFICATION:
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+    return F.mse_loss(outputs.squeeze(-1), targets)
+
+
+def task_scores(outputs: Tensor, targets: Tensor, task_type: str) -> dict[str, Tensor]:
+    """Per-task metrics from ``outputs [B, M, C]`` and ``targets [B, M]``: each value is ``[B]``."""
+    if task_type == CLASSIFICATION:
+        losses = F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none").mean(1)
+        accuracy = (outputs.argmax(-1) == targets).float().mean(1)
+        return {"loss": losses, "accuracy": accuracy}
+    mse = (outputs.squeeze(-1) - targets).pow(2).mean(1)
+    return {"loss": mse, "mse": mse}

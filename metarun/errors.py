@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints their one-line message without a traceback."""
+
+
+class MetarunError(Exception):
+    """Base of every error that a user can fix: the message says what to do."""
+
+
+class ConfigError(MetarunError):
+    """A config value or combination that cannot work (caught before any training)."""
+
+
+class DataError(MetarunError):
+    """Missing, corrupt or unreadable data, or a download that could not be made."""
+
+
+class CheckpointError(MetarunError):
+    """A checkpoint or run folder that cannot be loaded or resumed from."""
