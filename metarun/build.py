@@ -1,0 +1,164 @@
+"""From a composed config to live objects: dataset, samplers, backbone, algorithm, optimizer.
+
+Every component is built by `hydra.utils.instantiate` from its config's ``_target_``: adding an
+algorithm, dataset or backbone is one module and one yaml file, never a branch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metarun import __version__
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.checkpoint import load_checkpoint
+from metarun.config import validate
+from metarun.data.episodes import EpisodeSampler
+from metarun.errors import CheckpointError, ConfigError, MetarunError
+from metarun.trainer import Trainer, TrainerSettings
+
+log = logging.getLogger("metarun")
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Components:
+    algorithm: MetaAlgorithm
+    optimizer: torch.optim.Optimizer
+    samplers: dict[str, EpisodeSampler]
+    device: torch.device
+
+
+def build(cfg: DictConfig) -> Components:
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.seed)
+    dataset = _instantiate(cfg.dataset, "dataset")
+    task = cfg.task
+    samplers = {
+        split: dataset.sampler(split, task.ways, task.shots, task.queries) for split in SPLITS
+    }
+    model = _instantiate(
+        cfg.backbone,
+        "backbone",
+        input_shape=tuple(dataset.input_shape),
+        out_features=dataset.output_size(task.ways),
+    )
+    algorithm = _instantiate(cfg.algo, "algo", model=model, task_type=dataset.task_type)
+    algorithm.to(device)
+    optimizer = _instantiate(cfg.optimizer, "optimizer")(params=algorithm.parameters())
+    return Components(algorithm, optimizer, samplers, device)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Trainer:
+    """Build the run; with ``resume`` set, restore it from ``<run dir>/checkpoints/last.pt``.
+
+    ``choices`` are the config group options picked (``{"algo": "fomaml", ...}``): they name the
+    run in results.json.
+    """
+    resume_state = None
+    run_info = {
+        **{group: choices.get(group) for group in ("algo", "dataset", "backbone", "optimizer")},
+        "metarun_version": __version__,
+    }
+    if cfg.resume:
+        last = Path(cfg.resume) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(
+                f"resume={cfg.resume} is not a metarun run folder (no checkpoints/last.pt); "
+                "pass the run folder that metarun printed when the run started"
+            )
+        resume_state = load_checkpoint(last)
+        cfg = resumed_config(resume_state["config"], cfg)
+        run_info = dict(resume_state.get("run_info", run_info))
+    parts = build(cfg)
+    settings = TrainerSettings(
+        max_iters=cfg.trainer.max_iters,
+        val_every=cfg.trainer.val_every,
+        val_episodes=cfg.trainer.val_episodes,
+        test_episodes=cfg.trainer.test_episodes,
+        log_every=cfg.trainer.log_every,
+        ckpt_every=cfg.trainer.ckpt_every,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        meta_batch_size=cfg.task.meta_batch_size,
+        progress=cfg.trainer.progress,
+    )
+    run_info["task"] = OmegaConf.to_container(cfg.task)
+    run_info["seed"] = cfg.seed
+    trainer = Trainer(
+        parts.algorithm,
+        parts.optimizer,
+        parts.samplers,
+        settings,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        device=parts.device,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        run_info=run_info,
+    )
+    if resume_state is not None:
+        try:
+            trainer.restore(resume_state)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(
+                f"{cfg.resume}/checkpoints/last.pt does not match this run's model or optimizer "
+                f"({type(err).__name__}); it was written by a different configuration"
+            ) from err
+    return trainer
+
+
+def resumed_config(saved_yaml: str, current: DictConfig) -> DictConfig:
+    """The saved run's config, with only ``trainer.*`` overrides from this command applied.
+
+    Anything else (data, model, algorithm, seed) shapes the saved state, so changing it on resume
+    would silently continue a different experiment.
+    """
+    saved = OmegaConf.create(saved_yaml)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    extra = [o for o in overrides if not o.startswith("resume=")]
+    for override in extra:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("trainer."):
+            raise ConfigError(
+                f"cannot change {key} when resuming: a resumed run continues its saved config; "
+                "only trainer.* keys (e.g. trainer.max_iters) may be overridden"
+            )
+        OmegaConf.update(saved, key, OmegaConf.select(current, key), merge=True)
+    saved.resume = current.resume
+    return saved
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def _instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, MetarunError):
+            cause = cause.__cause__
+        if isinstance(cause, MetarunError):
+            raise cause from None
+        raise ConfigError(f"could not build {group}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

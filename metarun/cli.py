@@ -1,0 +1,87 @@
+"""The `metarun` command: Hydra composes the config, `build` makes the run, the trainer runs it.
+
+Heavy imports (torch, tensorboard) happen inside the job, so a mistyped option fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.config import register_configs
+from metarun.errors import MetarunError
+
+log = logging.getLogger("metarun")
+
+
+def _is_run(folder: str | None) -> bool:
+    return bool(folder) and (Path(str(folder)) / "checkpoints" / "last.pt").is_file()
+
+
+def run_dir_for(resume: str | None, fresh_dir: str) -> str:
+    """Resolver for ``hydra.run.dir``: a resumed run keeps writing into its own folder.
+
+    A ``resume`` that is not a run gets a fresh folder (removed again when the run is refused),
+    so a mistyped path never has folders created in it.
+    """
+    return str(resume) if _is_run(resume) else fresh_dir
+
+
+def hydra_subdir_for(resume: str | None) -> str:
+    """Resolver for ``hydra.output_subdir``: resuming must not overwrite the original config."""
+    if not _is_run(resume):
+        return ".hydra"
+    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def _register_resolvers() -> None:
+    OmegaConf.register_new_resolver("metarun_run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("metarun_hydra_subdir", hydra_subdir_for, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def _run(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        from metarun.build import make_trainer
+
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        log.info("run folder: %s", run_dir)
+        trainer = make_trainer(cfg, run_dir, dict(hydra_cfg.runtime.choices))
+        results = trainer.run()
+    except MetarunError as err:
+        _discard_if_empty(Path(hydra_cfg.runtime.output_dir))
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        print(f"metarun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    log.info("results: %s", run_dir / "results.json")
+    return results["meta_test"]["mean"]
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """A run refused before it started leaves no folder behind, only its error message."""
+    if (run_dir / "checkpoints").exists() or (run_dir / "results.json").exists():
+        return
+    leftovers = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not leftovers:
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> None:
+    register_configs()
+    _register_resolvers()
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Structured configs: the typed schema of a run, registered in Hydra's ConfigStore.
+
+Typed nodes (`task`, `trainer`, top-level keys) make Hydra reject `trainer.max_iters=abc` while
+composing, before anything is built. Range checks that a type cannot express live in `validate`,
+which runs before any data is loaded; checks that need the data or the model (ways against a
+split's classes, a backbone against the dataset's input) live with the code that knows.
+
+This module imports no torch: a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from metarun.errors import ConfigError
+
+
+@dataclass
+class TaskConfig:
+    """The shape of every episode: N ways, K shots and Q queries per class, B tasks a step."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch_size: int = 32
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = 60000
+    val_every: int = 1000
+    val_episodes: int = 300
+    test_episodes: int = 600
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_batch_size: int = 50
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class MetarunConfig:
+    dataset: Any = field(default_factory=dict)
+    backbone: Any = field(default_factory=dict)
+    algo: Any = field(default_factory=dict)
+    optimizer: Any = field(default_factory=dict)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    resume: str | None = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="metarun_schema", node=MetarunConfig)
+
+
+_POSITIVE_INTS = [
+    ("task.ways", "the number of classes per task"),
+    ("task.shots", "the support examples per class"),
+    ("task.queries", "the query examples per class"),
+    ("task.meta_batch_size", "the tasks per meta-iteration"),
+    ("trainer.val_every", "iterations between meta-validations"),
+    ("trainer.val_episodes", "meta-validation tasks"),
+    ("trainer.test_episodes", "meta-test tasks"),
+    ("trainer.log_every", "iterations between log points"),
+    ("trainer.ckpt_every", "iterations between checkpoints"),
+    ("trainer.eval_batch_size", "tasks evaluated at once"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values no run can use, naming the key and what to do."""
+    for key, meaning in _POSITIVE_INTS:
+        value = _select(cfg, key)
+        if value < 1:
+            raise ConfigError(f"{key}={value} is not allowed: {meaning} must be at least 1")
+    if cfg.trainer.max_iters < 0:
+        raise ConfigError(f"trainer.max_iters={cfg.trainer.max_iters} must be 0 or more")
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number, e.g. optimizer.lr=1e-3")
+    if cfg.trainer.device not in ("auto", "cpu") and not str(cfg.trainer.device).startswith(
+        ("cuda", "mps")
+    ):
+        raise ConfigError(
+            f"trainer.device={cfg.trainer.device!r} is not a device; use auto, cpu or cuda[:N]"
+        )
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node

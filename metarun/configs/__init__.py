@@ -1,0 +1,1 @@
+"""Hydra config tree shipped inside the package (`configs/` at the top level links here)."""

@@ -1,0 +1,264 @@
+"""The three phases of a run: meta-train (with periodic meta-validation), then meta-test.
+
+The trainer knows the `MetaAlgorithm` interface and nothing of any algorithm's internals. Every
+source of randomness is an explicit generator seeded from the run's seed, and the validation and
+test episodes are fixed sets, so the same seed on the same machine gives the same numbers, and a
+resumed run continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.data.episodes import EpisodeSampler, TaskBatch
+from metarun.logging import RunLogger, format_metric, mean_and_ci95, write_json
+
+log = logging.getLogger("metarun")
+
+#: Fixed seeds of the meta-validation and meta-test episode sets: every run of every algorithm
+#: is scored on the same tasks, so comparisons between runs are paired.
+VAL_EPISODE_SEED = 1_000_003
+TEST_EPISODE_SEED = 2_000_003
+
+
+@dataclass
+class TrainerSettings:
+    max_iters: int
+    val_every: int
+    val_episodes: int
+    test_episodes: int
+    log_every: int
+    ckpt_every: int
+    eval_batch_size: int
+    meta_batch_size: int
+    progress: bool = True
+
+
+class Trainer:
+    def __init__(
+        self,
+        algorithm: MetaAlgorithm,
+        optimizer: torch.optim.Optimizer,
+        samplers: dict[str, EpisodeSampler],
+        settings: TrainerSettings,
+        run_dir: Path,
+        seed: int,
+        device: torch.device,
+        config_yaml: str,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.optimizer = optimizer
+        self.samplers = samplers
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.config_yaml = config_yaml
+        self.run_info = run_info or {}
+        self.train_generator = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+        self.best_value: float | None = None
+        self.best_iteration: int | None = None
+        self.elapsed_before_resume = 0.0
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+
+    # ----------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "best_value": self.best_value,
+            "best_iteration": self.best_iteration,
+            "train_generator": self.train_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "elapsed_s": self.elapsed_before_resume + self._session_elapsed(),
+            "config": self.config_yaml,
+            "run_info": self.run_info,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.best_value = state["best_value"]
+        self.best_iteration = state["best_iteration"]
+        self.train_generator.set_state(state["train_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.elapsed_before_resume = float(state.get("elapsed_s", 0.0))
+
+    # ----------------------------------------------------------------------------- phases
+    def run(self) -> dict[str, Any]:
+        self._session_start = time.perf_counter()
+        resumed_from = self.iteration if self.iteration > 0 else None
+        purge_step = None if resumed_from is None else resumed_from + 1
+        self.logger = RunLogger(self.run_dir, purge_step=purge_step)
+        try:
+            if resumed_from is not None:
+                log.info("resuming from iteration %d", resumed_from)
+            self._meta_train()
+            results = self._meta_test()
+        finally:
+            self.logger.close()
+        return results
+
+    def _meta_train(self) -> None:
+        s = self.settings
+        sampler = self.samplers["train"]
+        metric = self.algorithm.primary_metric
+        if self.iteration >= s.max_iters:
+            return
+        window: dict[str, float] = {}
+        window_count = 0
+        window_start = time.perf_counter()
+        bar = tqdm(
+            total=s.max_iters,
+            initial=self.iteration,
+            desc="meta-train",
+            disable=not s.progress,
+            dynamic_ncols=True,
+        )
+        self.algorithm.train()
+        while self.iteration < s.max_iters:
+            batch = sampler.sample(s.meta_batch_size, self.train_generator).to(self.device)
+            loss, metrics = self.algorithm.meta_train_step(batch)
+            if loss is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            self.iteration += 1
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0.0) + value
+            window_count += 1
+            bar.update(1)
+            if self.iteration % s.log_every == 0 or self.iteration == s.max_iters:
+                averaged = {name: total / window_count for name, total in window.items()}
+                now = time.perf_counter()
+                averaged["iters_per_sec"] = window_count / max(now - window_start, 1e-9)
+                averaged["lr"] = self.optimizer.param_groups[0]["lr"]
+                self.logger.scalars("meta_train", averaged, self.iteration)
+                bar.set_postfix(_postfix(averaged, metric), refresh=False)
+                window, window_count, window_start = {}, 0, now
+            if self.iteration % s.val_every == 0 or self.iteration == s.max_iters:
+                self._validate()
+                self._save("last.pt")
+            elif self.iteration % s.ckpt_every == 0:
+                self._save("last.pt")
+        bar.close()
+
+    def _validate(self) -> None:
+        s = self.settings
+        scores = self._evaluate("val", s.val_episodes, VAL_EPISODE_SEED)
+        metric = self.algorithm.primary_metric
+        mean, ci95 = mean_and_ci95(scores[metric])
+        summary = {name: mean_and_ci95(values)[0] for name, values in scores.items()}
+        summary[f"{metric}_ci95"] = ci95
+        self.logger.scalars("meta_val", summary, self.iteration)
+        self.logger.flush()
+        improved = self.best_value is None or (
+            mean > self.best_value if self.algorithm.higher_is_better else mean < self.best_value
+        )
+        if improved:
+            self.best_value, self.best_iteration = mean, self.iteration
+            self._save("best.pt")
+        log.info(
+            "meta-val @ %d: %s%s",
+            self.iteration,
+            format_metric(metric, mean, ci95),
+            " (best)" if improved else "",
+        )
+        self.algorithm.train()
+
+    def _meta_test(self) -> dict[str, Any]:
+        s = self.settings
+        best_path = self.checkpoint_dir / "best.pt"
+        if best_path.exists():
+            self.algorithm.load_state_dict(load_checkpoint(best_path)["algorithm"])
+        scores = self._evaluate("test", s.test_episodes, TEST_EPISODE_SEED)
+        metric = self.algorithm.primary_metric
+        mean, ci95 = mean_and_ci95(scores[metric])
+        summary = {name: mean_and_ci95(values)[0] for name, values in scores.items()}
+        summary[f"{metric}_ci95"] = ci95
+        self.logger.scalars("meta_test", summary, self.iteration)
+        wall_time = self.elapsed_before_resume + self._session_elapsed()
+        results = {
+            **self.run_info,
+            "meta_test": {
+                "metric": metric,
+                "mean": mean,
+                "ci95": ci95,
+                "episodes": len(scores[metric]),
+                "loss": summary["loss"],
+            },
+            "best_val": {
+                "metric": metric,
+                "value": self.best_value,
+                "iteration": self.best_iteration,
+            },
+            "iterations": self.iteration,
+            "wall_time_s": wall_time,
+            "complete": True,
+        }
+        write_json(self.run_dir / "results.json", results)
+        log.info(
+            "meta-test (%d episodes, best checkpoint from iteration %s): %s",
+            len(scores[metric]),
+            self.best_iteration,
+            format_metric(metric, mean, ci95),
+        )
+        return results
+
+    # ----------------------------------------------------------------------------- helpers
+    def _evaluate(self, split: str, episodes: int, seed: int) -> dict[str, list[float]]:
+        self.algorithm.eval()
+        scores: dict[str, list[float]] = {}
+        batches = episode_batches(
+            self.samplers[split], episodes, self.settings.eval_batch_size, seed
+        )
+        desc = "meta-val" if split == "val" else "meta-test"
+        show = self.settings.progress
+        with tqdm(total=episodes, desc=desc, leave=False, disable=not show) as bar:
+            for batch in batches:
+                metrics = self.algorithm.evaluate(batch.to(self.device))
+                for name, values in metrics.items():
+                    scores.setdefault(name, []).extend(values.double().cpu().tolist())
+                bar.update(batch.meta_batch_size)
+        return scores
+
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    def _session_elapsed(self) -> float:
+        start = getattr(self, "_session_start", None)
+        return 0.0 if start is None else time.perf_counter() - start
+
+
+def episode_batches(
+    sampler: EpisodeSampler, episodes: int, batch_size: int, seed: int
+) -> Iterator[TaskBatch]:
+    """The same ``episodes`` tasks for a given seed, drawn lazily in batches (never all held)."""
+    generator = torch.Generator().manual_seed(seed)
+    remaining = episodes
+    while remaining > 0:
+        size = min(batch_size, remaining)
+        yield sampler.sample(size, generator)
+        remaining -= size
+
+
+def _postfix(averaged: dict[str, float], metric: str) -> dict[str, str]:
+    shown = {"loss": f"{averaged['loss']:.3f}"}
+    if metric == "accuracy" and "accuracy" in averaged:
+        shown["acc"] = f"{100 * averaged['accuracy']:.1f}%"
+    elif metric in averaged:
+        shown[metric] = f"{averaged[metric]:.3f}"
+    return shown
