@@ -72,3 +72,75 @@ def fixed_episodes(
         batches.append(sampler.sample(size, generator))
         remaining -= size
     return batches
+
+
+class ClassImageSampler:
+    """N-way K-shot tasks from one split of an image dataset held as uint8 base images.
+
+    A class is a (source image set, quarter-turn rotation) pair, so rotated copies of a character
+    (the Vinyals Omniglot protocol) cost no memory: rotation happens on the few images a batch
+    actually uses. Every draw comes from the given ``torch.Generator`` through batched ops, so a
+    seed fixes the tasks exactly and a meta-batch costs the same few kernels whatever its size.
+
+    ``images`` is ``[num_sources, drawings, H, W]`` uint8 (H == W when rotations are used);
+    ``class_source`` and ``class_rotation`` (quarter turns counter-clockwise, 0-3) are ``[C]``.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        class_source: Tensor,
+        class_rotation: Tensor,
+        ways: int,
+        shots: int,
+        queries: int,
+    ) -> None:
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [sources, drawings, H, W], got {images.shape}")
+        if class_source.shape != class_rotation.shape or class_source.dim() != 1:
+            raise ValueError("class_source and class_rotation must be 1-d and of equal length")
+        if not 1 <= ways <= class_source.numel():
+            raise ValueError(f"ways={ways} needs 1..{class_source.numel()} classes")
+        if shots < 1 or queries < 1 or shots + queries > images.shape[1]:
+            raise ValueError(f"shots={shots}, queries={queries}: {images.shape[1]} drawings")
+        if bool((class_rotation % 4 != 0).any()) and images.shape[-1] != images.shape[-2]:
+            raise ValueError("rotated classes need square images")
+        self.images = images
+        self.class_source = class_source.long()
+        self.class_rotation = class_rotation.long() % 4
+        self.ways = ways
+        self.shots = shots
+        self.queries = queries
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_source.numel()
+
+    def sample(self, meta_batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """``meta_batch_size`` tasks; inputs are float32 in [0, 1], labels class-major."""
+        batch, ways, shots = meta_batch_size, self.ways, self.shots
+        per_class = shots + self.queries
+        drawings = self.images.shape[1]
+        # Distinct classes per task and distinct drawings per class: the top-k of i.i.d. uniform
+        # keys is a uniform random subset without replacement, for all tasks at once.
+        keys = torch.rand(batch, self.num_classes, generator=generator)
+        classes = keys.topk(ways, dim=1).indices  # [B, N]
+        keys = torch.rand(batch, ways, drawings, generator=generator)
+        picks = keys.topk(per_class, dim=2).indices  # [B, N, K+Q]
+
+        sources = self.class_source[classes]  # [B, N]
+        images = self.images[sources.unsqueeze(-1), picks]  # [B, N, K+Q, H, W] uint8
+        rotations = self.class_rotation[classes]
+        for quarter_turns in (1, 2, 3):
+            mask = rotations == quarter_turns
+            if bool(mask.any()):
+                images[mask] = torch.rot90(images[mask], quarter_turns, dims=(-2, -1))
+        images = images.to(torch.float32).div_(255.0).unsqueeze(3)  # [B, N, K+Q, 1, H, W]
+
+        image_shape = images.shape[3:]
+        support_x = images[:, :, :shots].reshape(batch, ways * shots, *image_shape)
+        query_x = images[:, :, shots:].reshape(batch, ways * self.queries, *image_shape)
+        labels = torch.arange(ways)
+        support_y = labels.repeat_interleave(shots).repeat(batch, 1)
+        query_y = labels.repeat_interleave(self.queries).repeat(batch, 1)
+        return TaskBatch(support_x, support_y, query_x, query_y)
