@@ -7,6 +7,7 @@ algorithm, dataset or backbone is one module and one yaml file, never a branch h
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ from metarun.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger("metarun")
 
-SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclass
 class Components:
     algorithm: MetaAlgorithm
     optimizer: torch.optim.Optimizer
+    #: Meta-training draws (as the algorithm asks for them) and the meta-val/test samplers.
+    training_batches: Callable[[torch.Generator], Any]
     samplers: dict[str, EpisodeSampler]
     device: torch.device
 
@@ -44,7 +47,7 @@ def build(cfg: DictConfig) -> Components:
     dataset = _instantiate(cfg.dataset, "dataset")
     task = cfg.task
     samplers = {
-        split: dataset.sampler(split, task.ways, task.shots, task.queries) for split in SPLITS
+        split: dataset.sampler(split, task.ways, task.shots, task.queries) for split in EVAL_SPLITS
     }
     model = _instantiate(
         cfg.backbone,
@@ -53,9 +56,12 @@ def build(cfg: DictConfig) -> Components:
         out_features=dataset.output_size(task.ways),
     )
     algorithm = _instantiate(cfg.algo, "algo", model=model, task_type=dataset.task_type)
+    training_batches = algorithm.training_batches(
+        dataset, task.ways, task.shots, task.queries, task.meta_batch_size
+    )
     algorithm.to(device)
     optimizer = _instantiate(cfg.optimizer, "optimizer")(params=algorithm.parameters())
-    return Components(algorithm, optimizer, samplers, device)
+    return Components(algorithm, optimizer, training_batches, samplers, device)
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Trainer:
@@ -88,7 +94,6 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         log_every=cfg.trainer.log_every,
         ckpt_every=cfg.trainer.ckpt_every,
         eval_batch_size=cfg.trainer.eval_batch_size,
-        meta_batch_size=cfg.task.meta_batch_size,
         progress=cfg.trainer.progress,
     )
     run_info["task"] = OmegaConf.to_container(cfg.task)
@@ -96,6 +101,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
     trainer = Trainer(
         parts.algorithm,
         parts.optimizer,
+        parts.training_batches,
         parts.samplers,
         settings,
         run_dir=run_dir,

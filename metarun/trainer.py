@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ class TrainerSettings:
     log_every: int
     ckpt_every: int
     eval_batch_size: int
-    meta_batch_size: int
     progress: bool = True
 
 
@@ -49,6 +48,7 @@ class Trainer:
         self,
         algorithm: MetaAlgorithm,
         optimizer: torch.optim.Optimizer,
+        training_batches: Callable[[torch.Generator], Any],
         samplers: dict[str, EpisodeSampler],
         settings: TrainerSettings,
         run_dir: Path,
@@ -59,6 +59,7 @@ class Trainer:
     ) -> None:
         self.algorithm = algorithm
         self.optimizer = optimizer
+        self.training_batches = training_batches
         self.samplers = samplers
         self.settings = settings
         self.run_dir = Path(run_dir)
@@ -114,7 +115,6 @@ class Trainer:
 
     def _meta_train(self) -> None:
         s = self.settings
-        sampler = self.samplers["train"]
         metric = self.algorithm.primary_metric
         if self.iteration >= s.max_iters:
             return
@@ -130,12 +130,11 @@ class Trainer:
         )
         self.algorithm.train()
         while self.iteration < s.max_iters:
-            batch = sampler.sample(s.meta_batch_size, self.train_generator).to(self.device)
+            batch = self.training_batches(self.train_generator).to(self.device)
             loss, metrics = self.algorithm.meta_train_step(batch)
-            if loss is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
             self.iteration += 1
             for name, value in metrics.items():
                 window[name] = window.get(name, 0.0) + value

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.data.episodes import TaskBatch
+from metarun.errors import ConfigError
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -31,8 +36,23 @@ class MetaAlgorithm(nn.Module):
     def __init__(self, task_type: str) -> None:
         super().__init__()
         if task_type not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+            raise ConfigError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         self.task_type = task_type
+
+    def training_batches(
+        self, dataset: Any, ways: int, shots: int, queries: int, meta_batch_size: int
+    ) -> Callable[[torch.Generator], Any]:
+        """What meta-training feeds ``meta_train_step``: a draw from a generator.
+
+        By default, meta-batches of episodes of the task shape the run is evaluated on. An
+        algorithm that trains on another shape (Prototypical Networks' higher training way) or on
+        ordinary mini-batches (the pre-train + fine-tune baseline) overrides this; it is called
+        once, before the optimizer is built, so it may also create parameters that depend on the
+        data (e.g. a classifier over all meta-train classes). Whatever it returns must have
+        ``.to(device)``.
+        """
+        sampler = dataset.sampler("train", ways, shots, queries)
+        return lambda generator: sampler.sample(meta_batch_size, generator)
 
     @property
     def primary_metric(self) -> str:
