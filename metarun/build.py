@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import __version__
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.checkpoint import load_checkpoint
+from metarun.checkpoint import load_checkpoint, previous_path
 from metarun.config import validate
 from metarun.data.episodes import EpisodeSampler
 from metarun.errors import CheckpointError, ConfigError, MetarunError
@@ -82,7 +82,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
                 f"resume={cfg.resume} is not a metarun run folder (no checkpoints/last.pt); "
                 "pass the run folder that metarun printed when the run started"
             )
-        resume_state = load_checkpoint(last)
+        resume_state = _load_resume_state(last)
         cfg = resumed_config(resume_state["config"], cfg)
         run_info = dict(resume_state.get("run_info", run_info))
     parts = build(cfg)
@@ -95,6 +95,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         ckpt_every=cfg.trainer.ckpt_every,
         eval_batch_size=cfg.trainer.eval_batch_size,
         progress=cfg.trainer.progress,
+        skip_non_finite=cfg.trainer.skip_non_finite,
     )
     run_info["task"] = OmegaConf.to_container(cfg.task)
     run_info["seed"] = cfg.seed
@@ -119,6 +120,24 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
                 f"({type(err).__name__}); it was written by a different configuration"
             ) from err
     return trainer
+
+
+def _load_resume_state(last: Path) -> dict[str, Any]:
+    """``last.pt``, or the checkpoint it replaced when ``last.pt`` is corrupt (saying so)."""
+    try:
+        return load_checkpoint(last)
+    except CheckpointError as err:
+        previous = previous_path(last)
+        if not previous.is_file():
+            raise
+        state = load_checkpoint(previous)
+        log.warning(
+            "%s; resuming from the previous checkpoint %s (iteration %d) instead",
+            err,
+            previous.name,
+            state["iteration"],
+        )
+        return state
 
 
 def resumed_config(saved_yaml: str, current: DictConfig) -> DictConfig:

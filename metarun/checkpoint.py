@@ -23,19 +23,43 @@ from metarun.errors import CheckpointError
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write ``state`` (plus the format version) to ``path``."""
+def previous_path(path: Path) -> Path:
+    """Where `save_checkpoint(..., keep_previous=True)` keeps the checkpoint it replaced."""
+    return path.with_name(f"{path.stem}-previous{path.suffix}")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Atomically write ``state`` (plus the format version) to ``path``.
+
+    With ``keep_previous`` the replaced file stays as `previous_path` (hard-linked first, so
+    ``path`` exists at every instant): a checkpoint later found corrupt has a fallback.
+    A failed write (disk full, no permission) raises `CheckpointError` and leaves the old
+    checkpoint untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save({"format_version": FORMAT_VERSION, **state}, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            link_name = f"{tmp_name}.previous"
+            os.link(path, link_name)
+            os.replace(link_name, previous_path(path))
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        # torch.save reports a failed write (e.g. ENOSPC) as a RuntimeError from its zip writer.
+        reason = err if isinstance(err, OSError) else err.__context__
+        if isinstance(err, OSError | RuntimeError) and isinstance(reason, OSError):
+            raise CheckpointError(
+                f"could not write {path} ({reason.strerror or reason}); the previous checkpoint "
+                "is intact. Free disk space or fix the folder's permissions, then resume the run"
+            ) from err
         raise
     _fsync_directory(path.parent)
 

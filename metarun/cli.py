@@ -6,6 +6,7 @@ Heavy imports (torch, tensorboard) happen inside the job, so a mistyped option f
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from datetime import datetime
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from metarun import sweep
 from metarun.config import register_configs
 from metarun.errors import MetarunError
 
@@ -50,19 +52,37 @@ def _register_resolvers() -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         from metarun.build import make_trainer
+        from metarun.trainer import RunInterrupted
 
-        run_dir = Path(hydra_cfg.runtime.output_dir)
         log.info("run folder: %s", run_dir)
         trainer = make_trainer(cfg, run_dir, dict(hydra_cfg.runtime.choices))
-        results = trainer.run()
+        try:
+            results = trainer.run()
+        except RunInterrupted as stop:
+            print(
+                f"metarun: {stop}; the run is saved. Resume it with:\n"
+                f"  metarun resume={run_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(128 + stop.signum)
     except MetarunError as err:
-        _discard_if_empty(Path(hydra_cfg.runtime.output_dir))
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"metarun: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            _discard_if_empty(run_dir)
+            sys.exit(2)
+        # In a sweep, one job's mistake must not hide the others: record it, carry on.
+        sweep.record_failure(run_dir, err)
+        return None
+    except Exception as err:
+        if multirun:
+            sweep.record_failure(run_dir, err)
+        raise
     log.info("results: %s", run_dir / "results.json")
     return results["meta_test"]["mean"]
 
@@ -80,7 +100,13 @@ def _discard_if_empty(run_dir: Path) -> None:
 def main() -> None:
     register_configs()
     _register_resolvers()
-    _run()
+    try:
+        _run()
+        code: int | str | None = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    failed_jobs = sweep.report()
+    sys.exit(1 if failed_jobs and not code else code)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class TrainerConfig:
     eval_batch_size: int = 50
     device: str = "auto"
     progress: bool = True
+    skip_non_finite: bool = False
 
 
 @dataclass

@@ -9,6 +9,8 @@ resumed run continues exactly where the checkpoint left off.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.data.episodes import EpisodeSampler, TaskBatch
+from metarun.errors import MetarunError
 from metarun.logging import RunLogger, format_metric, mean_and_ci95, write_json
 
 log = logging.getLogger("metarun")
@@ -29,6 +33,19 @@ log = logging.getLogger("metarun")
 #: is scored on the same tasks, so comparisons between runs are paired.
 VAL_EPISODE_SEED = 1_000_003
 TEST_EPISODE_SEED = 2_000_003
+
+
+class NumericalError(MetarunError):
+    """The meta-loss became NaN or infinite."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the run stopped at a safe point with its state saved."""
+
+    def __init__(self, signum: int, iteration: int) -> None:
+        super().__init__(f"stopped by signal {signum} at iteration {iteration}")
+        self.signum = signum
+        self.iteration = iteration
 
 
 @dataclass
@@ -41,6 +58,7 @@ class TrainerSettings:
     ckpt_every: int
     eval_batch_size: int
     progress: bool = True
+    skip_non_finite: bool = False
 
 
 class Trainer:
@@ -72,6 +90,16 @@ class Trainer:
         self.best_iteration: int | None = None
         self.elapsed_before_resume = 0.0
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.skip_non_finite = settings.skip_non_finite
+        self.skipped_batches = 0
+        # Metrics summed since the last log point: part of the saved state, so a run resumed
+        # between two log points logs exactly what the uninterrupted run logs.
+        self.window: dict[str, float] = {}
+        self.window_count = 0
+        self.window_skipped = 0
+        self.stop_signal: int | None = None
+        self.pending_validation = False
+        self.testing = False
 
     # ----------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -86,6 +114,11 @@ class Trainer:
             "elapsed_s": self.elapsed_before_resume + self._session_elapsed(),
             "config": self.config_yaml,
             "run_info": self.run_info,
+            "window": self.window,
+            "window_count": self.window_count,
+            "window_skipped": self.window_skipped,
+            "skipped_batches": self.skipped_batches,
+            "pending_validation": self.pending_validation,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -97,29 +130,52 @@ class Trainer:
         self.train_generator.set_state(state["train_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.elapsed_before_resume = float(state.get("elapsed_s", 0.0))
+        self.window = dict(state["window"])
+        self.window_count = int(state["window_count"])
+        self.window_skipped = int(state["window_skipped"])
+        self.skipped_batches = int(state["skipped_batches"])
+        self.pending_validation = bool(state["pending_validation"])
 
     # ----------------------------------------------------------------------------- phases
     def run(self) -> dict[str, Any]:
+        """Meta-train, then meta-test; on SIGINT/SIGTERM save the state and raise RunInterrupted."""
         self._session_start = time.perf_counter()
         resumed_from = self.iteration if self.iteration > 0 else None
         purge_step = None if resumed_from is None else resumed_from + 1
         self.logger = RunLogger(self.run_dir, purge_step=purge_step)
+        previous_handlers = _catch_stop_signals(self._on_signal)
         try:
             if resumed_from is not None:
                 log.info("resuming from iteration %d", resumed_from)
+            if self.pending_validation:
+                self._validate()
+                self._save("last.pt")
             self._meta_train()
             results = self._meta_test()
+        except RunInterrupted as stop:
+            if not self.testing:  # during meta-test the weights are best.pt's; last.pt is final
+                self._save("last.pt")
+            self._write_results(complete=False, interrupted_by=signal.Signals(stop.signum).name)
+            raise
         finally:
+            _restore_signals(previous_handlers)
             self.logger.close()
         return results
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        self.stop_signal = signum
+        log.warning(
+            "%s received: stopping after the current iteration and saving the run",
+            signal.Signals(signum).name,
+        )
 
     def _meta_train(self) -> None:
         s = self.settings
         metric = self.algorithm.primary_metric
         if self.iteration >= s.max_iters:
             return
-        window: dict[str, float] = {}
-        window_count = 0
         window_start = time.perf_counter()
         bar = tqdm(
             total=s.max_iters,
@@ -130,24 +186,26 @@ class Trainer:
         )
         self.algorithm.train()
         while self.iteration < s.max_iters:
+            self._stop_if_asked()
             batch = self.training_batches(self.train_generator).to(self.device)
             loss, metrics = self.algorithm.meta_train_step(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
             self.iteration += 1
+            if not torch.isfinite(loss.detach()).item():
+                self._non_finite(loss)
+                metrics = {}
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
             for name, value in metrics.items():
-                window[name] = window.get(name, 0.0) + value
-            window_count += 1
+                self.window[name] = self.window.get(name, 0.0) + value
+            self.window_count += 1
             bar.update(1)
             if self.iteration % s.log_every == 0 or self.iteration == s.max_iters:
-                averaged = {name: total / window_count for name, total in window.items()}
                 now = time.perf_counter()
-                averaged["iters_per_sec"] = window_count / max(now - window_start, 1e-9)
-                averaged["lr"] = self.optimizer.param_groups[0]["lr"]
-                self.logger.scalars("meta_train", averaged, self.iteration)
+                averaged = self._flush_window(now - window_start)
                 bar.set_postfix(_postfix(averaged, metric), refresh=False)
-                window, window_count, window_start = {}, 0, now
+                window_start = now
             if self.iteration % s.val_every == 0 or self.iteration == s.max_iters:
                 self._validate()
                 self._save("last.pt")
@@ -155,8 +213,40 @@ class Trainer:
                 self._save("last.pt")
         bar.close()
 
+    def _flush_window(self, seconds: float) -> dict[str, float]:
+        """Log the metrics averaged since the last log point (over the finite iterations)."""
+        finite = self.window_count - self.window_skipped
+        averaged = {name: total / max(finite, 1) for name, total in self.window.items()}
+        averaged["iters_per_sec"] = self.window_count / max(seconds, 1e-9)
+        averaged["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.skip_non_finite:
+            averaged["skipped_batches"] = float(self.skipped_batches)
+        self.logger.scalars("meta_train", averaged, self.iteration)
+        self.window, self.window_count, self.window_skipped = {}, 0, 0
+        return averaged
+
+    def _non_finite(self, loss: Tensor) -> None:
+        """A NaN/inf meta-loss: stop with the last good checkpoint, or skip the batch."""
+        if not self.skip_non_finite:
+            last = self.checkpoint_dir / "last.pt"
+            kept = f"{last} is the last good checkpoint" if last.exists() else "no checkpoint yet"
+            raise NumericalError(
+                f"the meta-training loss became {loss.item()} at iteration {self.iteration}; "
+                f"{kept}. Lower optimizer.lr or the inner learning rate, or set "
+                "trainer.skip_non_finite=true to skip such batches"
+            )
+        self.skipped_batches += 1
+        self.window_skipped += 1
+        log.warning("skipped a non-finite loss at iteration %d", self.iteration)
+
+    def _stop_if_asked(self) -> None:
+        if self.stop_signal is not None:
+            raise RunInterrupted(self.stop_signal, self.iteration)
+
     def _validate(self) -> None:
         s = self.settings
+        # Saved as pending if a signal interrupts it, so a resumed run validates this iteration.
+        self.pending_validation = True
         scores = self._evaluate("val", s.val_episodes, VAL_EPISODE_SEED)
         metric = self.algorithm.primary_metric
         mean, ci95 = mean_and_ci95(scores[metric])
@@ -167,6 +257,7 @@ class Trainer:
         improved = self.best_value is None or (
             mean > self.best_value if self.algorithm.higher_is_better else mean < self.best_value
         )
+        self.pending_validation = False
         if improved:
             self.best_value, self.best_iteration = mean, self.iteration
             self._save("best.pt")
@@ -180,6 +271,7 @@ class Trainer:
 
     def _meta_test(self) -> dict[str, Any]:
         s = self.settings
+        self.testing = True
         best_path = self.checkpoint_dir / "best.pt"
         if best_path.exists():
             self.algorithm.load_state_dict(load_checkpoint(best_path)["algorithm"])
@@ -189,26 +281,14 @@ class Trainer:
         summary = {name: mean_and_ci95(values)[0] for name, values in scores.items()}
         summary[f"{metric}_ci95"] = ci95
         self.logger.scalars("meta_test", summary, self.iteration)
-        wall_time = self.elapsed_before_resume + self._session_elapsed()
-        results = {
-            **self.run_info,
-            "meta_test": {
-                "metric": metric,
-                "mean": mean,
-                "ci95": ci95,
-                "episodes": len(scores[metric]),
-                "loss": summary["loss"],
-            },
-            "best_val": {
-                "metric": metric,
-                "value": self.best_value,
-                "iteration": self.best_iteration,
-            },
-            "iterations": self.iteration,
-            "wall_time_s": wall_time,
-            "complete": True,
+        meta_test = {
+            "metric": metric,
+            "mean": mean,
+            "ci95": ci95,
+            "episodes": len(scores[metric]),
+            "loss": summary["loss"],
         }
-        write_json(self.run_dir / "results.json", results)
+        results = self._write_results(complete=True, meta_test=meta_test)
         log.info(
             "meta-test (%d episodes, best checkpoint from iteration %s): %s",
             len(scores[metric]),
@@ -218,6 +298,24 @@ class Trainer:
         return results
 
     # ----------------------------------------------------------------------------- helpers
+    def _write_results(self, complete: bool, **extra: Any) -> dict[str, Any]:
+        """results.json; an interrupted run writes one too, marked incomplete."""
+        results = {
+            **self.run_info,
+            "best_val": {
+                "metric": self.algorithm.primary_metric,
+                "value": self.best_value,
+                "iteration": self.best_iteration,
+            },
+            "iterations": self.iteration,
+            "skipped_batches": self.skipped_batches,
+            "wall_time_s": self.elapsed_before_resume + self._session_elapsed(),
+            "complete": complete,
+            **extra,
+        }
+        write_json(self.run_dir / "results.json", results)
+        return results
+
     def _evaluate(self, split: str, episodes: int, seed: int) -> dict[str, list[float]]:
         self.algorithm.eval()
         scores: dict[str, list[float]] = {}
@@ -228,6 +326,7 @@ class Trainer:
         show = self.settings.progress
         with tqdm(total=episodes, desc=desc, leave=False, disable=not show) as bar:
             for batch in batches:
+                self._stop_if_asked()
                 metrics = self.algorithm.evaluate(batch.to(self.device))
                 for name, values in metrics.items():
                     scores.setdefault(name, []).extend(values.double().cpu().tolist())
@@ -235,11 +334,26 @@ class Trainer:
         return scores
 
     def _save(self, name: str) -> None:
-        save_checkpoint(self.checkpoint_dir / name, self.state())
+        save_checkpoint(self.checkpoint_dir / name, self.state(), keep_previous=name == "last.pt")
 
     def _session_elapsed(self) -> float:
         start = getattr(self, "_session_start", None)
         return 0.0 if start is None else time.perf_counter() - start
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _catch_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any] | None:
+    """Route SIGINT/SIGTERM to ``handler`` (main thread only: elsewhere signals can't be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
+
+
+def _restore_signals(previous: dict[int, Any] | None) -> None:
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
 
 
 def episode_batches(

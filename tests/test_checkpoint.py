@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from metarun.errors import CheckpointError
 
 
@@ -82,8 +82,40 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint"):
         save_checkpoint(path, {"iteration": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_keep_previous_leaves_a_fallback(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"iteration": 1}, keep_previous=True)
+    assert not previous_path(path).exists()
+    save_checkpoint(path, {"iteration": 2}, keep_previous=True)
+    assert load_checkpoint(path)["iteration"] == 2
+    assert load_checkpoint(previous_path(path))["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last-previous.pt", "last.pt"]
+
+
+def test_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """A 1 MiB tmpfs really runs out of space; skipped where tmpfs can't be mounted."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = mount / "last.pt"
+        save_checkpoint(path, {"weights": torch.zeros(1000)})
+        with pytest.raises(CheckpointError, match="could not write"):
+            save_checkpoint(path, {"weights": torch.zeros(1_000_000)})
+        assert load_checkpoint(path)["weights"].shape == (1000,)
+        assert [p.name for p in mount.iterdir()] == ["last.pt"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

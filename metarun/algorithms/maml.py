@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -132,7 +133,7 @@ class MAML(MetaAlgorithm):
             raise ConfigError(
                 f"algo.task_batching must be one of {TASK_BATCHING}, got {task_batching!r}"
             )
-        if task_batching == "vmap" and not vmap_is_exact(model, first_order):
+        if task_batching == "vmap" and not vmap_is_exact(self.inner_module, first_order):
             raise ConfigError(
                 "algo.task_batching=vmap gives wrong second-order gradients through batch-, "
                 "instance- or layer-norm in PyTorch (pytorch/functorch#534); use "
@@ -141,16 +142,38 @@ class MAML(MetaAlgorithm):
         self.task_batching = task_batching
 
     @property
+    def inner_module(self) -> nn.Module:
+        """The module the inner loop adapts: the whole model here (ANIL adapts only its head)."""
+        return self.model
+
+    @property
     def uses_vmap(self) -> bool:
         if self.task_batching == "auto":
-            return not prefers_loop(self.model, self.first_order)
+            return not prefers_loop(self.inner_module, self.first_order)
         return self.task_batching == "vmap"
+
+    def task_inputs(self, batch: TaskBatch) -> TaskBatch:
+        """What the inner module reads: the raw batch here (ANIL: the body's features)."""
+        return batch
 
     # The per-task pure functions: the same code under vmap and in the loop.
 
+    def forward_with(self, params: Params, inputs: Tensor) -> Tensor:
+        """The inner module's outputs with ``params`` in place of its own parameters."""
+        return functional_call(self.inner_module, params, (inputs,))
+
     def _support_loss(self, params: Params, support_x: Tensor, support_y: Tensor) -> Tensor:
-        outputs = functional_call(self.model, params, (support_x,))
+        outputs = self.forward_with(params, support_x)
         return task_loss(outputs, support_y, self.task_type)
+
+    def inner_update(self, params: Params, grads: Params, state: dict[str, Any]) -> Params:
+        """One inner step from the support gradients: plain SGD with ``inner_lr``.
+
+        The hook where the update rule differs (Meta-SGD's learned per-parameter rates,
+        Reptile's Adam); ``state`` starts empty for every task's adaptation, for rules that
+        carry something from one step to the next.
+        """
+        return {name: p - self.inner_lr * grads[name] for name, p in params.items()}
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
         """``steps`` SGD steps on one task's support set; differentiable unless first-order.
@@ -159,11 +182,12 @@ class MAML(MetaAlgorithm):
         returned parameters carry the full dependence on ``params`` through every step.
         """
         support_grad = grad(self._support_loss)
+        state: dict[str, Any] = {}
         for _ in range(steps):
             grads = support_grad(params, support_x, support_y)
             if self.first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
-            params = {name: p - self.inner_lr * grads[name] for name, p in params.items()}
+            params = self.inner_update(params, grads, state)
         return params
 
     def _query_outputs(self, steps: int) -> Callable[..., Tensor]:
@@ -171,26 +195,31 @@ class MAML(MetaAlgorithm):
             params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor
         ) -> Tensor:
             adapted = self.adapt(params, support_x, support_y, steps)
-            return functional_call(self.model, adapted, (query_x,))
+            return self.forward_with(adapted, query_x)
 
         return per_task
+
+    def map_tasks(self, per_task: Callable[..., Any], shared: Any, *per_task_args: Tensor) -> Any:
+        """``per_task(shared, *args[i])`` for every task ``i``, stacked along a new dim 0.
+
+        The one place the driver is chosen: ``vmap`` over the tasks, or a loop. ``per_task`` may
+        return a tensor or a (nested) tuple/dict of tensors.
+        """
+        if self.uses_vmap:
+            in_dims = (None, *(0 for _ in per_task_args))
+            return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
+        tasks = per_task_args[0].shape[0]
+        results = [per_task(shared, *(arg[i] for arg in per_task_args)) for i in range(tasks)]
+        return _stack(results)
 
     def adapted_query_outputs(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         """Query outputs ``[B, M, ...]`` after adapting ``params`` on each task's support."""
         per_task = self._query_outputs(steps)
-        if self.uses_vmap:
-            return vmap(per_task, in_dims=(None, 0, 0, 0))(
-                params, batch.support_x, batch.support_y, batch.query_x
-            )
-        outputs = [
-            per_task(params, batch.support_x[i], batch.support_y[i], batch.query_x[i])
-            for i in range(batch.meta_batch_size)
-        ]
-        return torch.stack(outputs)
+        return self.map_tasks(per_task, params, batch.support_x, batch.support_y, batch.query_x)
 
     def meta_train_step(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        params = dict(self.model.named_parameters())
-        outputs = self.adapted_query_outputs(params, batch, self.inner_steps)
+        params = dict(self.inner_module.named_parameters())
+        outputs = self.adapted_query_outputs(params, self.task_inputs(batch), self.inner_steps)
         scores = task_scores(outputs, batch.query_y, self.task_type)
         loss = scores["loss"].mean()
         metrics = {name: value.detach().mean().item() for name, value in scores.items()}
@@ -200,7 +229,19 @@ class MAML(MetaAlgorithm):
         # Detached params: the meta-parameters get no gradient and no graph is kept. The inner
         # gradients come from torch.func.grad, which ignores a caller's no_grad or inference_mode
         # (a caller may evaluate under one), so adaptation still happens there.
-        params = {name: p.detach() for name, p in self.model.named_parameters()}
-        outputs = self.adapted_query_outputs(params, batch, self.test_inner_steps)
+        params = {name: p.detach() for name, p in self.inner_module.named_parameters()}
+        with torch.no_grad():
+            inputs = self.task_inputs(batch)
+        outputs = self.adapted_query_outputs(params, inputs, self.test_inner_steps)
         scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
         return {name: value.detach() for name, value in scores.items()}
+
+
+def _stack(results: list[Any]) -> Any:
+    """Stack per-task results (tensors, or tuples/dicts of them) along a new dim 0."""
+    first = results[0]
+    if isinstance(first, Tensor):
+        return torch.stack(results)
+    if isinstance(first, dict):
+        return {key: _stack([r[key] for r in results]) for key in first}
+    return type(first)(_stack(list(parts)) for parts in zip(*results, strict=True))

@@ -144,3 +144,66 @@ class ClassImageSampler:
         support_y = labels.repeat_interleave(shots).repeat(batch, 1)
         query_y = labels.repeat_interleave(self.queries).repeat(batch, 1)
         return TaskBatch(support_x, support_y, query_x, query_y)
+
+
+@dataclass
+class LabeledBatch:
+    """Ordinary labelled examples (not episodes): pre-training draws for transfer baselines.
+
+    ``x`` is ``[n, C, H, W]`` float; ``y`` is ``[n]`` int64, the class index within the split
+    (``0 .. num_classes - 1``), so one classifier can be trained over all of a split's classes.
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LabeledBatch:
+        """Move to ``device``; ``dtype`` (if given) applies to the inputs only."""
+        x = self.x.to(device=device, dtype=dtype or self.x.dtype, non_blocking=True)
+        return LabeledBatch(x, self.y.to(device=device, non_blocking=True))
+
+
+class ClassImageBatchSampler:
+    """Mini-batches of i.i.d. uniformly random (class, drawing) pairs of one split.
+
+    Same storage and rotation convention as ``ClassImageSampler`` (a class is a source image set
+    turned by quarter turns), so the labels index the very classes the episodes of that split
+    use. Draws are with replacement: a batch is a few tensor ops from the given generator, never
+    an epoch bookkeeping or a loop per image, and a seed fixes every batch.
+    """
+
+    def __init__(
+        self, images: Tensor, class_source: Tensor, class_rotation: Tensor, batch_size: int
+    ) -> None:
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [sources, drawings, H, W], got {images.shape}")
+        if class_source.shape != class_rotation.shape or class_source.dim() != 1:
+            raise ValueError("class_source and class_rotation must be 1-d and of equal length")
+        if class_source.numel() < 1 or batch_size < 1:
+            raise ValueError(f"need classes and batch_size >= 1, got {batch_size}")
+        if bool((class_rotation % 4 != 0).any()) and images.shape[-1] != images.shape[-2]:
+            raise ValueError("rotated classes need square images")
+        self.images = images
+        self.class_source = class_source.long()
+        self.class_rotation = class_rotation.long() % 4
+        self.batch_size = batch_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_source.numel()
+
+    def sample(self, generator: torch.Generator) -> LabeledBatch:
+        """``batch_size`` images, float32 in [0, 1], ``[n, 1, H, W]``, with their class indices."""
+        size = self.batch_size
+        labels = torch.randint(self.num_classes, (size,), generator=generator)
+        drawings = torch.randint(self.images.shape[1], (size,), generator=generator)
+        images = self.images[self.class_source[labels], drawings]  # [n, H, W] uint8, a copy
+        rotations = self.class_rotation[labels]
+        for quarter_turns in (1, 2, 3):
+            mask = rotations == quarter_turns
+            if bool(mask.any()):
+                images[mask] = torch.rot90(images[mask], quarter_turns, dims=(-2, -1))
+        return LabeledBatch(images.to(torch.float32).div_(255.0).unsqueeze(1), labels)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from metarun.data.download import download as fetch
-from metarun.data.episodes import ClassImageSampler
+from metarun.data.episodes import ClassImageBatchSampler, ClassImageSampler
 from metarun.data.omniglot_files import Source, decode_sources, short_reason, source_files
 from metarun.errors import ConfigError, DataError
 
@@ -128,6 +128,14 @@ class Omniglot:
                 f"{drawings} images per class; lower them"
             )
         return ClassImageSampler(self.images, class_source, class_rotation, ways, shots, queries)
+
+    def batch_sampler(self, split_name: str, batch_size: int) -> ClassImageBatchSampler:
+        """Labelled mini-batches over all classes of a split, for pre-training (transfer
+        baselines); labels are ``0 .. num_classes(split_name) - 1``."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch size {batch_size!r} must be an integer >= 1")
+        class_source, class_rotation = self._split(split_name)
+        return ClassImageBatchSampler(self.images, class_source, class_rotation, batch_size)
 
     def _split(self, split_name: str) -> tuple[Tensor, Tensor]:
         if split_name not in self.classes:

@@ -70,6 +70,13 @@ class Sinusoid:
         """Regression has no classes; ``None`` tells the trainer there is nothing to check."""
         return None
 
+    def batch_sampler(self, split_name: str, batch_size: int) -> None:
+        """Labelled mini-batches need classes; regression tasks share no labels to pre-train on."""
+        raise ConfigError(
+            "dataset=sinusoid is regression and has no classes to draw labelled mini-batches "
+            "from; use a classification dataset (e.g. dataset=omniglot)"
+        )
+
     def sampler(self, split_name: str, ways: int, shots: int, queries: int) -> SinusoidSampler:
         """``ways`` is ignored (one output); ``shots`` is K, the support points per task."""
         for key, value in (("task.shots", shots), ("task.queries", queries)):
