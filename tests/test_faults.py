@@ -113,10 +113,9 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, straig
 
     proc = run_metarun(f"resume={run_dir}", cwd=tmp_path)
     check_ok(proc)
-    assert "truncated or corrupt" in proc.stderr
-    assert f"resuming from the previous checkpoint last-previous.pt (iteration {good})" in (
-        proc.stderr
-    )
+    said = proc.stdout + proc.stderr  # Hydra's console log goes to stdout
+    assert "truncated or corrupt" in said
+    assert f"resuming from the previous checkpoint last-previous.pt (iteration {good})" in said
     _assert_same_as(run_dir, straight)
 
 

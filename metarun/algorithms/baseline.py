@@ -12,27 +12,30 @@ paper's point is that this simple transfer recipe is a strong reference for meta
   learn (weight norm); here the heads are pure cosine with one fixed ``scale`` for pre-training
   and test, so the logits are bounded and the head's fit does not depend on weight norms.
 
-Batch-norm at test time: the paper extracts features in eval mode with running statistics. The
-backbones here keep none (``track_running_stats=False``, so MAML-style per-task statistics hold),
-so every task's support and query images are embedded together in ONE forward pass: the
-statistics come from that task alone (no mixing between tasks, as a meta-batch of one or of 50
-gives the same numbers), from N*(K+Q) images rather than from a 1-shot support set of N, and
-support and query are normalised alike. This is transductive within a task, as MAML's reference
-code is.
+Batch-norm at test time: the paper embeds in eval mode with running statistics gathered in
+pre-training. The backbones here keep none (``track_running_stats=False``, so that MAML's
+per-task statistics hold), so every forward pass normalises with the batch it is given, and the
+body is only ever given images of ONE task: no statistics mix between tasks (a meta-batch of one
+or of 50 gives the same numbers). ``test_embedding`` picks the batches: ``separate`` (default)
+embeds a task's support set and its query set in two passes, each normalised by itself, as
+MAML does here; ``joint`` embeds them in one pass, so both share statistics from N*(K+Q) images.
+Both are transductive within a task. ``separate`` was measured better: 79.2% vs 77.9% (Baseline)
+and 75.2% vs 74.5% (Baseline++), 5-way 1-shot, 600 paired tasks, 95% CI of the difference
++-0.3 points, after 400 pre-training iterations of conv4 (16 channels) on Omniglot's lake split.
 
 Head fitting: all B heads of a meta-batch are one ``[B, N, D]`` tensor, trained together with
-full-batch SGD with momentum on the sum of the per-task support losses (``torch.bmm``; each
-task's gradient reaches only its own head). Full batch rather than the paper's mini-batches of 4
-keeps evaluation deterministic; every head starts from the same fixed-seed draw of
-``nn.Linear``'s initial range, so a task's result does not depend on its meta-batch. The
-gradients are ``torch.func.grad``s of the head alone, on detached embeddings: nothing reaches
-the body and no ``.grad`` is left, even under a caller's ``no_grad``.
+full-batch SGD with momentum on the sum of the per-task support losses (batched matrix
+products, no loop over tasks; each task's gradient reaches only its own head). Full batch rather
+than the paper's mini-batches of 4 keeps evaluation deterministic; every head starts from the
+same fixed-seed draw of ``nn.Linear``'s initial range, so a task's result does not depend on its
+meta-batch. The gradients are ``torch.func.grad``s of the head alone, on detached embeddings:
+nothing reaches the body and no ``.grad`` is left, even under a caller's ``no_grad``.
 
 Usage::
 
     algo = Baseline(Conv4((1, 28, 28), 5), "classification", classifier="cosine")
     draw = algo.training_batches(omniglot, ways=5, shots=1, queries=15, meta_batch_size=32)
-    loss, metrics = algo.meta_train_step(draw(generator))  # creates nothing: the head exists
+    loss, metrics = algo.meta_train_step(draw(generator))  # the all-class classifier's loss
     loss.backward(); optimizer.step()
     per_task = algo.evaluate(episodes)  # {"loss": [B], "accuracy": [B]}
 """
@@ -54,6 +57,7 @@ from metarun.data.episodes import LabeledBatch, TaskBatch
 from metarun.errors import ConfigError
 
 CLASSIFIERS = {"linear": "baseline", "cosine": "baselinepp"}
+TEST_EMBEDDINGS = ("separate", "joint")
 #: Seed of the test-time heads' initial weights: the same start for every task and every run.
 HEAD_INIT_SEED = 0
 _EPS = 1e-8
@@ -102,6 +106,7 @@ class Baseline(MetaAlgorithm):
         finetune_lr: float = 0.01,
         finetune_momentum: float = 0.9,
         finetune_weight_decay: float = 0.001,
+        test_embedding: str = "separate",
     ) -> None:
         if classifier not in CLASSIFIERS:
             raise ConfigError(
@@ -136,6 +141,11 @@ class Baseline(MetaAlgorithm):
         self.finetune_weight_decay = _check_non_negative(
             finetune_weight_decay, "algo.finetune_weight_decay"
         )
+        if test_embedding not in TEST_EMBEDDINGS:
+            raise ConfigError(
+                f"algo.test_embedding must be one of {TEST_EMBEDDINGS}, got {test_embedding!r}"
+            )
+        self.test_embedding = test_embedding
         #: The pre-training classifier; made by ``training_batches`` once the classes are known.
         self.classifier: nn.Module | None = None
 
@@ -174,17 +184,21 @@ class Baseline(MetaAlgorithm):
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Detached ``[B, N*K, D]`` support and ``[B, N*Q, D]`` query embeddings.
 
-        One forward pass per task over its support and query together: batch-norm statistics are
-        that task's own (see the module docstring), whatever else is in the meta-batch.
+        The body only ever sees one task's images at a time, so batch-norm statistics are that
+        task's own whatever else is in the meta-batch (see ``test_embedding``).
         """
         shots = batch.support_x.shape[1]
         support, query = [], []
         with torch.no_grad():
             for task in range(batch.meta_batch_size):
-                images = torch.cat([batch.support_x[task], batch.query_x[task]])
-                features = self.body(images).flatten(1)
-                support.append(features[:shots])
-                query.append(features[shots:])
+                if self.test_embedding == "joint":
+                    images = torch.cat([batch.support_x[task], batch.query_x[task]])
+                    features = self.body(images).flatten(1)
+                    support.append(features[:shots])
+                    query.append(features[shots:])
+                else:
+                    support.append(self.body(batch.support_x[task]).flatten(1))
+                    query.append(self.body(batch.query_x[task]).flatten(1))
         return torch.stack(support), torch.stack(query)
 
     def head_logits(self, head: Head, features: Tensor) -> Tensor:
@@ -214,9 +228,8 @@ class Baseline(MetaAlgorithm):
         shots_total = features.shape[1]
 
         def support_loss(head: Head) -> Tensor:
-            logits = self.head_logits(head, features)
-            total = F.cross_entropy(logits.reshape(-1, ways), support_y.reshape(-1), reduction="sum")
-            return total / shots_total
+            logits = self.head_logits(head, features).reshape(-1, ways)
+            return F.cross_entropy(logits, support_y.reshape(-1), reduction="sum") / shots_total
 
         head_gradient = grad(support_loss)
         head = self.initial_head(features.shape[0], ways, features)
