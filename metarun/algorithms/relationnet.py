@@ -1,0 +1,188 @@
+"""Relation Networks (Sung, Yang, Zhang, Xiang, Torr & Hospedales, CVPR 2018, arXiv:1711.06025).
+
+Instead of a fixed distance, a small learned network scores each (class, query) pair: the
+class's feature map (the sum over its support shots) is concatenated with the query's along the
+channels, and the relation module (two conv blocks, then two fully connected layers with a
+sigmoid) gives a relation score in (0, 1). Training regresses the scores to the one-hot of the
+query's class with a mean squared error (sec. 3.2); the predicted class is the highest score.
+
+The relation module needs spatial feature maps, so the embedding is the backbone body without
+the max-pooling of its last ``unpooled_blocks`` blocks (and without its final flatten). The body
+must be a sequence of conv blocks (conv4's ``features``); it is run layer by layer, sharing its
+parameters, so no backbone changes. The default, 2, is the paper's encoder (max-pooling in the
+first two of four blocks): conv4 gives 64x7x7 maps on 28x28 Omniglot (the paper's unpadded
+convolutions give 64x5x5) and 64x21x21 on 84x84 (paper: 19x19); 1 gives 64x3x3 on Omniglot. The
+relation module's poolings round up, so any map size reaches at least 1x1.
+
+Batch-norm in the relation module keeps no running statistics either and, like the body, is
+run once per task (over all of the task's pairs), so statistics never mix tasks.
+
+Usage::
+
+    relation = RelationNet(Conv4((1, 28, 28), 5), "classification")
+    loss, metrics = relation.meta_train_step(batch)
+    loss.backward(); optimizer.step()
+    scores = relation.relation_scores(batch)  # [B, N*Q, N] in (0, 1)
+
+or ``metarun algo=relationnet dataset=omniglot``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metarun.algorithms.metric import MetricLearner, class_sums, embed_episode, num_ways
+from metarun.data.episodes import TaskBatch
+from metarun.errors import ConfigError
+
+ACCEPTS = "a convolutional backbone (conv4)"
+
+
+def _relation_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+    )
+
+
+class RelationModule(nn.Module):
+    """Scores concatenated ``[2C, H, W]`` pair maps: two conv blocks, FC, ReLU, FC, sigmoid."""
+
+    def __init__(
+        self, in_channels: int, map_size: Sequence[int], channels: int, hidden: int
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            _relation_block(in_channels, channels), _relation_block(channels, channels)
+        )
+        height, width = map_size
+        for _ in range(2):
+            height, width = -(-height // 2), -(-width // 2)
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * height * width, hidden), nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc(self.blocks(pairs))).squeeze(-1)
+
+
+def conv_blocks(body: nn.Module) -> list[nn.Sequential] | None:
+    """The body's conv blocks (each ending in a max-pool), or ``None`` if it is not made of them.
+
+    A trailing ``nn.Flatten`` (conv4's) is left out: the relation module wants the map.
+    """
+    if not isinstance(body, nn.Sequential):
+        return None
+    blocks = list(body)
+    while blocks and isinstance(blocks[-1], nn.Flatten):
+        blocks.pop()
+
+    def is_conv_block(block: nn.Module) -> bool:
+        return (
+            isinstance(block, nn.Sequential)
+            and len(block) > 1
+            and isinstance(block[-1], nn.MaxPool2d)
+            and any(isinstance(m, nn.Conv2d) for m in block)
+        )
+
+    return blocks if blocks and all(is_conv_block(b) for b in blocks) else None
+
+
+def spatial_layers(blocks: list[nn.Sequential], unpooled_blocks: int) -> list[nn.Module]:
+    """The blocks' layers in order, without the max-pool of the last ``unpooled_blocks``."""
+    layers: list[nn.Module] = []
+    for index, block in enumerate(blocks):
+        keep_pool = index < len(blocks) - unpooled_blocks
+        layers += list(block) if keep_pool else list(block)[:-1]
+    return layers
+
+
+class RelationNet(MetricLearner):
+    """A learned relation module scores (class, query) pairs of spatial feature maps.
+
+    Accepts conv4 (a body of conv blocks with max-pooling); an MLP has no spatial map.
+    ``relation_channels`` and ``relation_hidden`` (64 and 8 in the paper) size the module.
+    """
+
+    algo_name = "relationnet"
+    accepts = ACCEPTS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str,
+        unpooled_blocks: int = 2,
+        relation_channels: int = 64,
+        relation_hidden: int = 8,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
+        train_queries: int | None = None,
+    ) -> None:
+        super().__init__(model, task_type, train_ways, train_shots, train_queries)
+        for key, value, minimum in (
+            ("algo.unpooled_blocks", unpooled_blocks, 0),
+            ("algo.relation_channels", relation_channels, 1),
+            ("algo.relation_hidden", relation_hidden, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        blocks = conv_blocks(self.body)
+        input_shape = getattr(model, "input_shape", None)
+        if blocks is None or input_shape is None or len(input_shape) != 3:
+            raise ConfigError(
+                f"algo=relationnet needs {ACCEPTS} but got {type(model).__name__}; "
+                f"use backbone=conv4"
+            )
+        if unpooled_blocks > len(blocks):
+            raise ConfigError(
+                f"algo.unpooled_blocks={unpooled_blocks} but the backbone has only "
+                f"{len(blocks)} blocks; lower it"
+            )
+        # Plain list, not a ModuleList: the layers belong to (and are saved with) the backbone.
+        self._layers = spatial_layers(blocks, unpooled_blocks)
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            probe = torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device)
+            channels, *map_size = self.embed(probe).shape[1:]
+        self.relation = RelationModule(2 * channels, map_size, relation_channels, relation_hidden)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Spatial feature maps ``[M, C, H, W]``: the body without its last pooling(s)."""
+        for layer in self._layers:
+            x = layer(x)
+        return x
+
+    def relation_scores(self, batch: TaskBatch) -> Tensor:
+        """``[B, N*Q, N]`` relation scores in (0, 1) between each query and each class."""
+        support, query = embed_episode(self.embed, batch)
+        ways = num_ways(batch)
+        classes = class_sums(support, batch.support_y, ways)  # [B, N, C, H, W]
+        queries = query.shape[1]
+        scores = []
+        for task_classes, task_query in zip(classes, query, strict=True):
+            pairs = torch.cat(
+                [
+                    task_classes.unsqueeze(0).expand(queries, *task_classes.shape),
+                    task_query.unsqueeze(1).expand(queries, ways, *task_query.shape[1:]),
+                ],
+                dim=2,
+            )  # [Q, N, 2C, H, W]
+            scores.append(self.relation(pairs.flatten(0, 1)).reshape(queries, ways))
+        return torch.stack(scores)
+
+    def query_outputs(self, batch: TaskBatch) -> Tensor:
+        return self.relation_scores(batch)
+
+    def scores(self, outputs: Tensor, query_y: Tensor) -> dict[str, Tensor]:
+        """Per-task MSE to the one-hot targets (the paper's loss) and accuracy from the scores."""
+        one_hot = F.one_hot(query_y, outputs.shape[-1]).to(outputs.dtype)
+        loss = (outputs - one_hot).pow(2).mean(dim=(1, 2))
+        accuracy = (outputs.argmax(-1) == query_y).to(outputs.dtype).mean(1)
+        return {"loss": loss, "accuracy": accuracy}
