@@ -43,8 +43,12 @@ def rate_key(name: str) -> str:
 
 class MetaSGD(MAML):
     """MAML whose inner learning rate is a learned tensor per parameter, initialised to
-    ``inner_lr``; second order by default (``first_order=True`` keeps the rates learnable: their
-    gradient needs only the inner gradient's value, not its derivative)."""
+    ``inner_lr``; second order by default.
+
+    ``first_order=True`` still learns the rates: their gradient needs the inner gradient's value,
+    not its derivative, so with one inner step it is exact (with more it drops the terms through
+    later steps' gradients, as first-order MAML does for the weights).
+    """
 
     def __init__(
         self,

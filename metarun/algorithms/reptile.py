@@ -10,7 +10,11 @@ The outer step through the trainer: ``meta_train_step`` returns the surrogate lo
 "pseudo-gradient" of the paper. ``optimizer=sgd optimizer.momentum=0 optimizer.lr=ε`` is then
 the paper's update with step size ε. With the default ``optimizer=adam`` the pseudo-gradient
 goes through Adam instead, a variant the paper itself suggests (sec. 3); Adam is blind to the
-gradient's scale, so no algorithm-side step size could turn it into the plain update.
+gradient's scale, so no algorithm-side step size could turn it into the plain update. Nor can a
+config file make ``algo=reptile`` pick SGD: Hydra lets a defaults list override only a group
+chosen before it (``config.yaml`` picks ``algo`` before ``optimizer``), refuses overrides in
+``specialize/`` files (reached by interpolation), and ``optimizer.momentum`` set there would
+break an explicit ``optimizer=adam``.
 
 Data: with ``train_on_query=false`` the inner loop sees only the support set, exactly what
 evaluation adapts on. With ``train_on_query=true`` meta-training adapts on support and query
