@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from metarun.algorithms.base import CLASSIFICATION, MetaAlgorithm, task_scores
-from metarun.algorithms.maml import _check_positive_int, _check_positive_number
+from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import LabeledBatch, TaskBatch
 from metarun.errors import ConfigError
 
@@ -133,10 +133,10 @@ class Baseline(MetaAlgorithm):
         self.body = body
         self.feature_dim = feature_dim
         self.classifier_kind = classifier
-        self.scale = _check_positive_number(scale, "algo.scale")
-        self.batch_size = _check_positive_int(batch_size, "algo.batch_size")
-        self.finetune_steps = _check_positive_int(finetune_steps, "algo.finetune_steps")
-        self.finetune_lr = _check_positive_number(finetune_lr, "algo.finetune_lr")
+        self.scale = positive_number(scale, "algo.scale")
+        self.batch_size = positive_int(batch_size, "algo.batch_size")
+        self.finetune_steps = positive_int(finetune_steps, "algo.finetune_steps")
+        self.finetune_lr = positive_number(finetune_lr, "algo.finetune_lr")
         self.finetune_momentum = _check_fraction(finetune_momentum, "algo.finetune_momentum")
         self.finetune_weight_decay = _check_non_negative(
             finetune_weight_decay, "algo.finetune_weight_decay"

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,24 +35,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metarun.algorithms.base import TASK_TYPES, MetaAlgorithm, task_loss, task_scores
+from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 
 Params = dict[str, Tensor]
 TASK_BATCHING = ("auto", "vmap", "loop")
-
-
-def _check_positive_number(value: object, key: str) -> float:
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
 
 
 # Fused norm kernels whose second-order gradient is wrong under vmap(grad) in torch 2.x (the
@@ -120,12 +107,12 @@ class MAML(MetaAlgorithm):
                 f"algo.model must be an nn.Module with parameters, got {type(model).__name__}"
             )
         self.model = model
-        self.inner_lr = _check_positive_number(inner_lr, "algo.inner_lr")
-        self.inner_steps = _check_positive_int(inner_steps, "algo.inner_steps")
+        self.inner_lr = positive_number(inner_lr, "algo.inner_lr")
+        self.inner_steps = positive_int(inner_steps, "algo.inner_steps")
         if test_inner_steps is None:
             self.test_inner_steps = self.inner_steps
         else:
-            self.test_inner_steps = _check_positive_int(test_inner_steps, "algo.test_inner_steps")
+            self.test_inner_steps = positive_int(test_inner_steps, "algo.test_inner_steps")
         if not isinstance(first_order, bool):
             raise ConfigError(f"algo.first_order must be true or false, got {first_order!r}")
         self.first_order = first_order

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import CLASSIFICATION, TASK_TYPES, MetaAlgorithm, task_scores
+from metarun.checks import optional_positive_int
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 
@@ -61,14 +62,6 @@ def feature_body(model: object, algo: str, accepts: str) -> nn.Module:
             f"algo={algo} needs {accepts} but got {type(model).__name__}; use backbone=conv4"
         )
     return body
-
-
-def check_optional_positive_int(value: object, key: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be an integer >= 1 or null, got {value!r}")
-    return value
 
 
 def can_fold_tasks(body: nn.Module) -> bool:
@@ -137,9 +130,9 @@ class MetricLearner(MetaAlgorithm):
         super().__init__(task_type)
         feature_body(model, self.algo_name, self.accepts)
         self.model = model
-        self.train_ways = check_optional_positive_int(train_ways, "algo.train_ways")
-        self.train_shots = check_optional_positive_int(train_shots, "algo.train_shots")
-        self.train_queries = check_optional_positive_int(train_queries, "algo.train_queries")
+        self.train_ways = optional_positive_int(train_ways, "algo.train_ways")
+        self.train_shots = optional_positive_int(train_shots, "algo.train_shots")
+        self.train_queries = optional_positive_int(train_queries, "algo.train_queries")
         if self.train_ways == 1:
             raise ConfigError("algo.train_ways=1 leaves nothing to tell apart; use 2 or more")
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from metarun.checks import image_shape, positive_int
 from metarun.errors import ConfigError
-from metarun.models.mlp import _positive_int, _positive_ints
 
 _BLOCKS = 4
 
@@ -47,15 +47,10 @@ class Conv4(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        shape = tuple(input_shape) if isinstance(input_shape, Sequence) else (input_shape,)
-        if len(shape) != 3:
-            raise ConfigError(
-                f"backbone=conv4 needs image inputs (C, H, W) but the dataset gives shape "
-                f"{shape}; use backbone=mlp"
-            )
-        in_channels, height, width = _positive_ints(shape, "backbone.input_shape")
-        out_features = _positive_int(out_features, "backbone.out_features")
-        channels = _positive_int(channels, "backbone.channels")
+        self.input_shape = image_shape(input_shape, "conv4")
+        in_channels, height, width = self.input_shape
+        out_features = positive_int(out_features, "backbone.out_features")
+        channels = positive_int(channels, "backbone.channels")
         if not isinstance(batch_norm, bool):
             raise ConfigError(f"backbone.batch_norm must be true or false, got {batch_norm!r}")
         for _ in range(_BLOCKS):
@@ -63,10 +58,10 @@ class Conv4(nn.Module):
         if height < 1 or width < 1:
             raise ConfigError(
                 f"backbone=conv4 halves the image {_BLOCKS} times and needs at least 16x16 "
-                f"pixels, but the dataset gives {shape[1]}x{shape[2]}; use larger images"
+                f"pixels, but the dataset gives {self.input_shape[1]}x{self.input_shape[2]}; use "
+                "larger images"
             )
 
-        self.input_shape = (in_channels, shape[1], shape[2])
         blocks = [_block(in_channels, channels, batch_norm)]
         blocks += [_block(channels, channels, batch_norm) for _ in range(_BLOCKS - 1)]
         self.features = nn.Sequential(*blocks, nn.Flatten())

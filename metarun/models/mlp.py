@@ -6,25 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from metarun.checks import positive_int, positive_ints
 from metarun.errors import ConfigError
-
-
-def _positive_ints(value: object, key: str) -> tuple[int, ...]:
-    """Hydra hands over ListConfigs and may pass strings from the command line: check early."""
-    try:
-        items = tuple(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ConfigError(f"{key} must be a list of positive integers, got {value!r}") from None
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-            raise ConfigError(f"{key} must be a list of positive integers, got {list(items)!r}")
-    return items
-
-
-def _positive_int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return value
 
 
 class _FlattenTrailing(nn.Module):
@@ -56,11 +39,11 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (40, 40),
     ) -> None:
         super().__init__()
-        self.input_shape = _positive_ints(input_shape, "backbone.input_shape")
+        self.input_shape = positive_ints(input_shape, "backbone.input_shape")
         if not self.input_shape:
             raise ConfigError("backbone.input_shape must not be empty")
-        out_features = _positive_int(out_features, "backbone.out_features")
-        hidden = _positive_ints(hidden, "backbone.hidden")
+        out_features = positive_int(out_features, "backbone.out_features")
+        hidden = positive_ints(hidden, "backbone.hidden")
 
         in_features = 1
         for size in self.input_shape:

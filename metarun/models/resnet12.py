@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from metarun.checks import image_shape, positive_int, positive_ints
 from metarun.errors import ConfigError
-from metarun.models.mlp import _positive_int, _positive_ints
 
 STAGES = 4
 LEAKY_SLOPE = 0.1
@@ -71,15 +71,9 @@ class ResNet12(nn.Module):
         channels: Sequence[int] = (64, 160, 320, 640),
     ) -> None:
         super().__init__()
-        shape = tuple(input_shape) if isinstance(input_shape, Sequence) else (input_shape,)
-        if len(shape) != 3:
-            raise ConfigError(
-                f"backbone=resnet12 needs image inputs (C, H, W) but the dataset gives shape "
-                f"{shape}; use backbone=mlp"
-            )
-        in_channels, height, width = _positive_ints(shape, "backbone.input_shape")
-        out_features = _positive_int(out_features, "backbone.out_features")
-        widths = _positive_ints(channels, "backbone.channels")
+        in_channels, height, width = image_shape(input_shape, "resnet12")
+        out_features = positive_int(out_features, "backbone.out_features")
+        widths = positive_ints(channels, "backbone.channels")
         if len(widths) != STAGES:
             raise ConfigError(
                 f"backbone.channels must list {STAGES} stage widths (e.g. [64, 160, 320, 640]), "
