@@ -113,6 +113,21 @@ def maml_meta_gradient(maml: MAML, batch: TaskBatch) -> tuple[Tensor, list[Tenso
     return loss.detach(), [p.grad.clone() for p in maml.model.parameters()]
 
 
+def meta_loss_central_difference(
+    algorithm: nn.Module, batch: TaskBatch, tensor: Tensor, flat: int, eps: float
+) -> float:
+    """d(meta-loss)/d(tensor.view(-1)[flat]) by central differences, ``tensor`` restored after."""
+    entry = tensor.view(-1)
+    with torch.no_grad():
+        original = entry[flat].item()
+        entry[flat] = original + eps
+        plus = algorithm.meta_train_step(batch)[0].item()
+        entry[flat] = original - eps
+        minus = algorithm.meta_train_step(batch)[0].item()
+        entry[flat] = original
+    return (plus - minus) / (2 * eps)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("task_type", ["regression", "classification"])
 @pytest.mark.parametrize(
@@ -160,15 +175,7 @@ def test_meta_gradient_matches_central_finite_differences(backbone: str, task_ty
     eps = 1e-6
     params = list(model.parameters())
     for index, (i, flat) in enumerate([(0, 0), (0, 3), (1, 1), (len(params) - 2, 2), (-1, 0)]):
-        param = params[i].view(-1)
-        with torch.no_grad():
-            original = param[flat].item()
-            param[flat] = original + eps
-            plus = maml.meta_train_step(batch)[0].item()
-            param[flat] = original - eps
-            minus = maml.meta_train_step(batch)[0].item()
-            param[flat] = original
-        numeric = (plus - minus) / (2 * eps)
+        numeric = meta_loss_central_difference(maml, batch, params[i], flat, eps)
         analytic = grads[i].view(-1)[flat].item()
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-7), index
 
