@@ -23,6 +23,7 @@ from metarun.checkpoint import load_checkpoint, previous_path
 from metarun.config import validate
 from metarun.data.episodes import EpisodeSampler
 from metarun.errors import CheckpointError, ConfigError, MetarunError
+from metarun.logging import flat_hparams
 from metarun.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger("metarun")
@@ -62,6 +63,31 @@ def build(cfg: DictConfig) -> Components:
     algorithm.to(device)
     optimizer = _instantiate(cfg.optimizer, "optimizer")(params=algorithm.parameters())
     return Components(algorithm, optimizer, training_batches, samplers, device)
+
+
+#: Config keys that say where things are or how a run is displayed, not how it learns: left out
+#: of TensorBoard's HParams table.
+NOT_HYPERPARAMETERS = frozenset(
+    {
+        "resume",
+        "threads",
+        "dataset.root",
+        "dataset.cache_dir",
+        "dataset.download",
+        "trainer.progress",
+        "trainer.log_every",
+        "trainer.ckpt_every",
+        "trainer.eval_batch_size",
+    }
+)
+
+
+def run_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """The run's settings for TensorBoard's HParams tab: the options picked and every value."""
+    picked = {group: choices[group] for group in ("algo", "dataset", "backbone", "optimizer")
+              if choices.get(group)}
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return {**picked, **flat_hparams(values, skip=NOT_HYPERPARAMETERS)}
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Trainer:
@@ -110,6 +136,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         device=parts.device,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         run_info=run_info,
+        hparams=run_hparams(cfg, choices),
     )
     if resume_state is not None:
         try:

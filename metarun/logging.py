@@ -7,9 +7,14 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import summary_v2 as hparams_v2
 from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("metarun")
@@ -31,11 +36,62 @@ class RunLogger:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
 
+    def hparams_start(self, hparams: dict[str, Any], group: str) -> None:
+        """The run's hyperparameters for TensorBoard's HParams tab (a session start).
+
+        Only the session is written, never an experiment summary: with one per run, TensorBoard
+        would show the first run's hyperparameter list for the whole sweep. Without one it lists
+        the union over runs and takes the run's scalars (meta_val/*, meta_test/*) as metrics.
+        Runs with the same ``group`` (the same configuration, other seeds) form one session group.
+        """
+        summary = hparams_v2.hparams_pb(hparams, trial_id=group)
+        self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
+    def hparams_end(self, complete: bool) -> None:
+        """Marks the session finished, so the HParams tab shows its status."""
+        status = api_pb2.STATUS_SUCCESS if complete else api_pb2.STATUS_ABORTED
+        end_info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+        end = plugin_data_pb2.HParamsPluginData(session_end_info=end_info)
+        summary = summary_pb2.Summary()
+        summary.value.add(
+            tag=hparams_metadata.SESSION_END_INFO_TAG,
+            metadata=hparams_metadata.create_summary_metadata(end),
+            tensor=hparams_metadata.NULL_TENSOR,
+        )
+        self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def flat_hparams(config: dict[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A nested config as TensorBoard hyperparameters: dotted keys, scalar values.
+
+    Lists become strings, ``None`` becomes ``"null"`` and Hydra's ``_target_``/``_partial_``
+    keys are left out (they say how to build, not how to learn); ``skip`` names keys (dotted, or a section) that are no
+    hyperparameter at all, e.g. where the data lives.
+    """
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if prefix in skip:
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not (str(key).startswith("_") and str(key).endswith("_")):
+                    visit(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, bool | int | float | str):
+            flat[prefix] = node
+        else:
+            flat[prefix] = "null" if node is None else str(node)
+
+    visit(config, "")
+    return flat
 
 
 def mean_and_ci95(values: list[float]) -> tuple[float, float]:

@@ -8,6 +8,8 @@ resumed run continues exactly where the checkpoint left off.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import signal
 import threading
@@ -74,6 +76,7 @@ class Trainer:
         device: torch.device,
         config_yaml: str,
         run_info: dict[str, Any] | None = None,
+        hparams: dict[str, Any] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.optimizer = optimizer
@@ -84,6 +87,7 @@ class Trainer:
         self.device = device
         self.config_yaml = config_yaml
         self.run_info = run_info or {}
+        self.hparams = hparams or {}
         self.train_generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.best_value: float | None = None
@@ -147,6 +151,8 @@ class Trainer:
         try:
             if resumed_from is not None:
                 log.info("resuming from iteration %d", resumed_from)
+            elif self.hparams:
+                self.logger.hparams_start(self.hparams, group=_configuration_id(self.hparams))
             if self.pending_validation:
                 self._validate()
                 self._save("last.pt")
@@ -289,6 +295,7 @@ class Trainer:
             "loss": summary["loss"],
         }
         results = self._write_results(complete=True, meta_test=meta_test)
+        self.logger.hparams_end(complete=True)
         log.info(
             "meta-test (%d episodes, best checkpoint from iteration %s): %s",
             len(scores[metric]),
@@ -354,6 +361,13 @@ def _catch_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any] |
 def _restore_signals(previous: dict[int, Any] | None) -> None:
     for signum, handler in (previous or {}).items():
         signal.signal(signum, handler)
+
+
+def _configuration_id(hparams: dict[str, Any]) -> str:
+    """Names a configuration regardless of its seed, so seeds form one HParams session group."""
+    settings = {key: value for key, value in hparams.items() if key != "seed"}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return digest[:12]
 
 
 def episode_batches(

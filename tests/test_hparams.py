@@ -1,0 +1,124 @@
+"""TensorBoard's HParams tab compares a sweep out of the box: checked against a real TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from metarun.logging import flat_hparams
+from tests.runs import SINUSOID_TINY, check_ok, read_results, run_metarun
+
+TENSORBOARD = str(Path(sys.executable).with_name("tensorboard"))
+
+
+def test_flat_hparams_are_dotted_scalars_without_build_keys():
+    config = {
+        "algo": {"_target_": "x.MAML", "inner_lr": 0.4, "first_order": False},
+        "optimizer": {"_partial_": True, "lr": 1e-3},
+        "dataset": {"root": "/data", "amplitude": [0.1, 5.0]},
+        "resume": None,
+        "seed": 3,
+    }
+    flat = flat_hparams(config, skip=frozenset({"dataset.root"}))
+    assert flat == {
+        "algo.inner_lr": 0.4,
+        "algo.first_order": False,
+        "optimizer.lr": 1e-3,
+        "dataset.amplitude": "[0.1, 5.0]",
+        "resume": "null",
+        "seed": 3,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def tensorboard_for():
+    servers = []
+
+    def start(logdir: Path) -> str:
+        port = _free_port()
+        server = subprocess.Popen(
+            [TENSORBOARD, "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        servers.append(server)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=5).read()
+                return base
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise AssertionError("tensorboard did not start within 60 s")
+
+    yield start
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_sweep_appears_in_tensorboards_hparams_tab(tmp_path, tensorboard_for):
+    sweep = tmp_path / "sweep"
+    proc = run_metarun(
+        "-m", "algo=maml,fomaml", "seed=0,1", *SINUSOID_TINY, f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+    )
+    check_ok(proc)
+    base = tensorboard_for(sweep)
+    experiment = _post(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+    infos = {info["name"]: info for info in experiment["hparamInfos"]}
+    assert sorted(infos["algo"]["domainDiscrete"]) == ["fomaml", "maml"]
+    assert infos["algo"]["differs"] is True
+    assert "algo.inner_lr" in infos and "optimizer.lr" in infos
+    assert "dataset.root" not in infos and "algo._target_" not in infos
+    metric_tags = {metric["name"]["tag"] for metric in experiment["metricInfos"]}
+    assert {"meta_test/mse", "meta_val/mse", "meta_train/loss"} <= metric_tags
+
+    groups = _post(
+        f"{base}/data/plugin/hparams/session_groups",
+        {
+            "experimentName": "",
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "meta_test/mse", "group": ""}}],
+            "startIndex": 0,
+            "sliceSize": 100,
+        },
+    )["sessionGroups"]
+    # Seeds of one configuration form one group; each session ended successfully.
+    assert len(groups) == 2
+    by_algo = {group["hparams"]["algo"]: group for group in groups}
+    assert set(by_algo) == {"maml", "fomaml"}
+    # A session is named by its run folder relative to the log dir: "<job>/tensorboard".
+    results = {f"{job.name}/tensorboard": read_results(job) for job in sweep.glob("[0-9]*")}
+    for algo, group in by_algo.items():
+        assert len(group["sessions"]) == 2
+        for session in group["sessions"]:
+            assert session["status"] == "STATUS_SUCCESS"
+            run = results[session["name"]]
+            assert run["algo"] == algo
+            logged = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
+            assert math.isclose(logged["meta_test/mse"], run["meta_test"]["mean"], rel_tol=1e-6)
