@@ -168,10 +168,10 @@ def _load_resume_state(last: Path) -> dict[str, Any]:
 
 
 def resumed_config(saved_yaml: str, current: DictConfig) -> DictConfig:
-    """The saved run's config, with only ``trainer.*`` overrides from this command applied.
+    """The saved run's config, with only ``trainer.*`` (and ``threads``) overrides applied.
 
     Anything else (data, model, algorithm, seed) shapes the saved state, so changing it on resume
-    would silently continue a different experiment.
+    would silently continue a different experiment; the thread count changes only the speed.
     """
     saved = OmegaConf.create(saved_yaml)
     from hydra.core.hydra_config import HydraConfig
@@ -180,10 +180,10 @@ def resumed_config(saved_yaml: str, current: DictConfig) -> DictConfig:
     extra = [o for o in overrides if not o.startswith("resume=")]
     for override in extra:
         key = override.split("=", 1)[0].lstrip("+~")
-        if not key.startswith("trainer."):
+        if not (key.startswith("trainer.") or key == "threads"):
             raise ConfigError(
                 f"cannot change {key} when resuming: a resumed run continues its saved config; "
-                "only trainer.* keys (e.g. trainer.max_iters) may be overridden"
+                "only trainer.* keys (e.g. trainer.max_iters) and threads may be overridden"
             )
         OmegaConf.update(saved, key, OmegaConf.select(current, key), merge=True)
     saved.resume = current.resume

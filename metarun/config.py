@@ -53,6 +53,8 @@ class MetarunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     resume: str | None = None
+    #: torch's intra-op threads; None: automatic (metarun/threads.py says how).
+    threads: int | None = None
 
 
 def register_configs() -> None:
