@@ -55,6 +55,10 @@ def _run(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        from metarun.threads import apply_threads
+
+        apply_threads(cfg.get("threads"), hydra_cfg.launcher, multirun)
+
         from metarun.build import make_trainer
         from metarun.trainer import RunInterrupted
 
@@ -84,7 +88,7 @@ def _run(cfg: DictConfig) -> float | None:
             sweep.record_failure(run_dir, err)
         raise
     log.info("results: %s", run_dir / "results.json")
-    return results["meta_test"]["mean"]
+    return sweep.objective(results)
 
 
 def _discard_if_empty(run_dir: Path) -> None:
