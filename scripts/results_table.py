@@ -2,56 +2,27 @@
 
     python scripts/results_table.py multirun/2026-11-25/13-10-00 [more sweep or run folders]
 
-One row per run: its command-line overrides, the meta-test metric as mean ± 95% CI, the
-episodes, the iterations and the wall time, read from each run's results.json.
+The table of `metarun-compare` (metarun/compare_table.py), printed and nothing written: one row
+per run with the overrides that distinguish the runs, the seed, the meta-test metric as
+mean ± 95% CI, the iterations, the wall time and whether the run finished. `metarun-compare`
+also writes it as Markdown and CSV, beside a plot of the training curves.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-
-def run_folders(paths: list[str]) -> list[Path]:
-    found = []
-    for path in map(Path, paths):
-        if (path / "results.json").exists():
-            found.append(path)
-        else:
-            runs = (p.parent for p in path.glob("*/results.json"))
-            found.extend(sorted(runs, key=lambda p: (len(p.name), p.name)))
-    return found
-
-
-def row(run: Path) -> str:
-    results = json.loads((run / "results.json").read_text())
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    overrides = ""
-    if overrides_file.exists():
-        lines = overrides_file.read_text().splitlines()
-        overrides = " ".join(line.removeprefix("- ").strip() for line in lines)
-    if not results.get("complete"):
-        return f"| {run.name} | {overrides} | incomplete | | | |"
-    test = results["meta_test"]
-    scale = 100 if test["metric"] == "accuracy" else 1
-    unit = "%" if scale == 100 else ""
-    metric = f"{scale * test['mean']:.2f}{unit} ± {scale * test['ci95']:.2f}"
-    minutes = results["wall_time_s"] / 60
-    return (
-        f"| {run.name} | {overrides} | {metric} | {test['episodes']} | "
-        f"{results['iterations']} | {minutes:.1f} min |"
-    )
+from metarun.compare_runs import read_runs
+from metarun.compare_table import markdown_table
+from metarun.errors import MetarunError
 
 
 def main() -> None:
-    runs = run_folders(sys.argv[1:])
-    if not runs:
-        sys.exit("no results.json under the given folders")
-    print("| run | overrides | meta-test | episodes | iterations | wall time |")
-    print("|---|---|---|---|---|---|")
-    for run in runs:
-        print(row(run))
+    try:
+        runs = read_runs(sys.argv[1:])
+    except MetarunError as err:
+        sys.exit(f"results_table: error: {err}")
+    print(markdown_table(runs))
 
 
 if __name__ == "__main__":
