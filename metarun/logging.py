@@ -73,8 +73,8 @@ def flat_hparams(config: dict[str, Any], skip: frozenset[str] = frozenset()) -> 
     """A nested config as TensorBoard hyperparameters: dotted keys, scalar values.
 
     Lists become strings, ``None`` becomes ``"null"`` and Hydra's ``_target_``/``_partial_``
-    keys are left out (they say how to build, not how to learn); ``skip`` names keys (dotted, or a section) that are no
-    hyperparameter at all, e.g. where the data lives.
+    keys are left out (they say how to build, not how to learn); ``skip`` names keys (dotted,
+    or a section) that are no hyperparameter at all, e.g. where the data lives.
     """
     flat: dict[str, Any] = {}
 
