@@ -206,11 +206,75 @@ class MAML(MetaAlgorithm):
 
     def meta_train_step(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         params = dict(self.inner_module.named_parameters())
-        outputs = self.adapted_query_outputs(params, self.task_inputs(batch), self.inner_steps)
+        inputs = self.task_inputs(batch)
+        if not self.uses_vmap:
+            return self._meta_train_task_by_task(params, inputs, batch.query_y)
+        outputs = self.adapted_query_outputs(params, inputs, self.inner_steps)
         scores = task_scores(outputs, batch.query_y, self.task_type)
         loss = scores["loss"].mean()
         metrics = {name: value.detach().mean().item() for name, value in scores.items()}
         return loss, metrics
+
+    def _meta_train_task_by_task(
+        self, params: Params, inputs: TaskBatch, query_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The loop driver's meta-step: each task's meta-gradient is taken as soon as its query
+        loss exists, and its graph freed, instead of one backward through all tasks' graphs.
+
+        Holding every task's second-order graph until one backward used about 10x the memory of
+        a task-by-task backward (conv4, 20-way 1-shot, meta-batch 32: 7.8 GB against 0.8 GB) and
+        was about 2x slower on CPU (allocation and cache misses). The gradients are summed here
+        and returned through a surrogate whose value is the meta-loss and whose gradient is
+        exactly their sum, so the trainer still calls ``backward`` and the optimizer as for
+        every algorithm. The surrogate also
+        carries the gradient of inputs computed by a shared module (ANIL's body features), so
+        that module is differentiated once for the whole batch, not once per task.
+        """
+        tasks = query_y.shape[0]
+        per_task = self._query_outputs(self.inner_steps)
+        meta_params = [p for p in self.parameters() if p.requires_grad]
+        param_grads: list[Tensor | None] = [None] * len(meta_params)
+        shared = [x for x in (inputs.support_x, inputs.query_x) if x.requires_grad]
+        shared_grads = [torch.zeros_like(x) for x in shared]
+        task_scores_list = []
+        for i in range(tasks):
+            support_x, query_x = inputs.support_x[i], inputs.query_x[i]
+            # A shared module's outputs enter each task as leaves: their gradient is collected
+            # here and sent through the module once, by the surrogate.
+            leaves = [x[i].detach().requires_grad_() for x in shared]
+            if inputs.support_x.requires_grad:
+                support_x = leaves[0]
+            if inputs.query_x.requires_grad:
+                query_x = leaves[-1]
+            # Like torch.func.grad in the inner loop, this works under a caller's no_grad too.
+            with torch.enable_grad():
+                outputs = per_task(params, support_x, inputs.support_y[i], query_x)
+                scores = task_scores(outputs[None], query_y[i][None], self.task_type)
+                grads = torch.autograd.grad(
+                    scores["loss"].sum() / tasks, [*meta_params, *leaves], allow_unused=True
+                )
+            for k, g in enumerate(grads[: len(meta_params)]):
+                if g is not None:
+                    param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+            for k, g in enumerate(grads[len(meta_params) :]):
+                if g is not None:
+                    shared_grads[k][i] = g
+            task_scores_list.append({name: value.detach() for name, value in scores.items()})
+        scores = {
+            name: torch.cat([s[name] for s in task_scores_list]) for name in task_scores_list[0]
+        }
+        mean_loss = scores["loss"].mean()
+        surrogate = sum(
+            (p * g).sum() for p, g in zip(meta_params, param_grads, strict=True) if g is not None
+        )
+        surrogate = surrogate + sum(
+            (x * g).sum() for x, g in zip(shared, shared_grads, strict=True)
+        )
+        # Its value is the meta-loss (so the trainer's non-finite guard and any caller read the
+        # real number), its gradient the summed meta-gradient.
+        surrogate = surrogate - surrogate.detach() + mean_loss
+        metrics = {name: value.mean().item() for name, value in scores.items()}
+        return surrogate, metrics
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         # Detached params: the meta-parameters get no gradient and no graph is kept. The inner
