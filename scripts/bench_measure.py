@@ -1,0 +1,149 @@
+"""How scripts/bench.py measures: interleaved wall-clock timing, peak memory of one call, and the
+machine a result came from.
+
+Timing interleaves the libraries (metarun, learn2learn, metarun, ...) so that a load spike on a
+shared machine hits both alike, and reports the median. Peak memory on CPU is the peak resident
+set size (RSS) over one call, from the kernel's own high-water mark: ``/proc/self/clear_refs``
+resets ``VmHWM`` to the current RSS right before the call (after ``malloc_trim`` has handed freed
+heap pages back, so memory a previous step freed is not silently reused), and ``VmHWM`` after the
+call minus the RSS before it is what the call added at its peak. On CUDA it is the peak of
+``torch.cuda.max_memory_allocated`` over the call, above what was allocated before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+
+import torch
+
+MIB = 1024 * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], warmup: int, repeat: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, ``repeat`` samples each, taken in turns."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, call in calls.items():
+            synchronize(device)
+            started = time.perf_counter()
+            call()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - started)
+    return samples
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    # Not glibc: no malloc_trim, and freed pages may stay resident.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated over one step, above the memory allocated before it"
+    return ("peak RSS over one step above the RSS before it (Linux VmHWM reset through "
+            "/proc/self/clear_refs, after malloc_trim)")
+
+
+def peak_memory_mib(call: Callable[[], object], device: torch.device) -> float | None:
+    """MiB that ``call`` added at its peak; None where this platform cannot tell."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    _trim_heap()
+    if not _reset_rss_peak():
+        return None
+    before = _status_kib("VmRSS")
+    call()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    """What a reader needs to judge a number: CPU, cores, load, library versions, threads."""
+    info: dict[str, object] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "learn2learn": _version("learn2learn"),
+        "metarun": _version("metarun"),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
