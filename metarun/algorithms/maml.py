@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from metarun.algorithms import task_parallel
 from metarun.algorithms.base import TASK_TYPES, MetaAlgorithm, task_loss, task_scores
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
@@ -127,6 +128,7 @@ class MAML(MetaAlgorithm):
                 "algo.task_batching=auto or loop, or algo.first_order=true"
             )
         self.task_batching = task_batching
+        self._worker_modules = task_parallel.WorkerModules()
 
     @property
     def inner_module(self) -> nn.Module:
@@ -146,8 +148,18 @@ class MAML(MetaAlgorithm):
     # The per-task pure functions: the same code under vmap and in the loop.
 
     def forward_with(self, params: Params, inputs: Tensor) -> Tensor:
-        """The inner module's outputs with ``params`` in place of its own parameters."""
-        return functional_call(self.inner_module, params, (inputs,))
+        """The inner module's outputs with ``params`` in place of its own parameters.
+
+        In a task-parallel worker thread the worker's own copy of the module runs instead (with
+        the original's buffers), since ``functional_call`` swaps the parameters of the module it
+        is given.
+        """
+        module = task_parallel.worker_module()
+        if module is None:
+            return functional_call(self.inner_module, params, (inputs,))
+        return functional_call(
+            module, {**dict(self.inner_module.named_buffers()), **params}, (inputs,)
+        )
 
     def _support_loss(self, params: Params, support_x: Tensor, support_y: Tensor) -> Tensor:
         outputs = self.forward_with(params, support_x)
@@ -168,14 +180,32 @@ class MAML(MetaAlgorithm):
         ``torch.func.grad`` composes with the outer autograd graph, so with second order the
         returned parameters carry the full dependence on ``params`` through every step.
         """
-        support_grad = grad(self._support_loss)
         state: dict[str, Any] = {}
         for _ in range(steps):
-            grads = support_grad(params, support_x, support_y)
+            grads = self.support_grads(params, support_x, support_y)
             if self.first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
             params = self.inner_update(params, grads, state)
         return params
+
+    def support_grads(self, params: Params, support_x: Tensor, support_y: Tensor) -> Params:
+        """The support loss's gradient: ``torch.func.grad``, or autograd in a worker thread.
+
+        ``torch.func``'s transforms are not thread-safe (two threads in ``grad`` at once fail),
+        so task-parallel workers take the same gradient with ``torch.autograd.grad``, keeping
+        the graph unless first-order. Both ignore a caller's ``no_grad``.
+        """
+        if task_parallel.worker_module() is None:
+            return grad(self._support_loss)(params, support_x, support_y)
+        with torch.enable_grad():
+            loss = self._support_loss(params, support_x, support_y)
+            grads = torch.autograd.grad(
+                loss, list(params.values()), create_graph=not self.first_order, allow_unused=True
+            )
+        return {
+            name: torch.zeros_like(p) if g is None else g
+            for (name, p), g in zip(params.items(), grads, strict=True)
+        }
 
     def _query_outputs(self, steps: int) -> Callable[..., Tensor]:
         def per_task(
@@ -226,40 +256,62 @@ class MAML(MetaAlgorithm):
         was about 2x slower on CPU (allocation and cache misses). The gradients are summed here
         and returned through a surrogate whose value is the meta-loss and whose gradient is
         exactly their sum, so the trainer still calls ``backward`` and the optimizer as for
-        every algorithm. The surrogate also
-        carries the gradient of inputs computed by a shared module (ANIL's body features), so
-        that module is differentiated once for the whole batch, not once per task.
+        every algorithm. The surrogate also carries the gradient of inputs computed by a shared
+        module (ANIL's body features), so that module is differentiated once for the whole
+        batch, not once per task. On the CPU, ranges of tasks run on parallel threads (see
+        ``task_parallel``); the sums are taken in task order either way.
         """
         tasks = query_y.shape[0]
         per_task = self._query_outputs(self.inner_steps)
         meta_params = [p for p in self.parameters() if p.requires_grad]
-        param_grads: list[Tensor | None] = [None] * len(meta_params)
         shared = [x for x in (inputs.support_x, inputs.query_x) if x.requires_grad]
-        shared_grads = [torch.zeros_like(x) for x in shared]
-        task_scores_list = []
-        for i in range(tasks):
-            support_x, query_x = inputs.support_x[i], inputs.query_x[i]
-            # A shared module's outputs enter each task as leaves: their gradient is collected
-            # here and sent through the module once, by the surrogate.
-            leaves = [x[i].detach().requires_grad_() for x in shared]
-            if inputs.support_x.requires_grad:
-                support_x = leaves[0]
-            if inputs.query_x.requires_grad:
-                query_x = leaves[-1]
-            # Like torch.func.grad in the inner loop, this works under a caller's no_grad too.
-            with torch.enable_grad():
-                outputs = per_task(params, support_x, inputs.support_y[i], query_x)
-                scores = task_scores(outputs[None], query_y[i][None], self.task_type)
-                grads = torch.autograd.grad(
-                    scores["loss"].sum() / tasks, [*meta_params, *leaves], allow_unused=True
-                )
-            for k, g in enumerate(grads[: len(meta_params)]):
+
+        def task_range(indices: range) -> tuple[list[Tensor | None], list[Any], list[Any]]:
+            param_grads: list[Tensor | None] = [None] * len(meta_params)
+            leaf_grads, task_results = [], []
+            for i in indices:
+                support_x, query_x = inputs.support_x[i], inputs.query_x[i]
+                # A shared module's outputs enter each task as leaves: their gradient is
+                # collected here and sent through the module once, by the surrogate.
+                leaves = [x[i].detach().requires_grad_() for x in shared]
+                if inputs.support_x.requires_grad:
+                    support_x = leaves[0]
+                if inputs.query_x.requires_grad:
+                    query_x = leaves[-1]
+                # Like torch.func.grad in the inner loop, this works under a caller's no_grad.
+                with torch.enable_grad():
+                    outputs = per_task(params, support_x, inputs.support_y[i], query_x)
+                    scores = task_scores(outputs[None], query_y[i][None], self.task_type)
+                    grads = torch.autograd.grad(
+                        scores["loss"].sum() / tasks, [*meta_params, *leaves], allow_unused=True
+                    )
+                for k, g in enumerate(grads[: len(meta_params)]):
+                    if g is not None:
+                        param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+                leaf_grads.append(grads[len(meta_params) :])
+                task_results.append({name: value.detach() for name, value in scores.items()})
+            return param_grads, leaf_grads, task_results
+
+        workers = task_parallel.cpu_workers(tasks, query_y.device)
+        modules = (
+            self._worker_modules.for_module(self.inner_module, workers)
+            if workers > 1
+            else [self.inner_module]
+        )
+        parts = task_parallel.run_chunks(task_range, tasks, modules)
+        param_grads: list[Tensor | None] = [None] * len(meta_params)
+        for part_grads, _, _ in parts:
+            for k, g in enumerate(part_grads):
                 if g is not None:
                     param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
-            for k, g in enumerate(grads[len(meta_params) :]):
-                if g is not None:
-                    shared_grads[k][i] = g
-            task_scores_list.append({name: value.detach() for name, value in scores.items()})
+        leaf_grads = [g for _, part_leaves, _ in parts for g in part_leaves]
+        shared_grads = [
+            torch.stack(
+                [torch.zeros_like(x[0]) if task[k] is None else task[k] for task in leaf_grads]
+            )
+            for k, x in enumerate(shared)
+        ]
+        task_scores_list = [s for _, _, part_scores in parts for s in part_scores]
         scores = {
             name: torch.cat([s[name] for s in task_scores_list]) for name in task_scores_list[0]
         }

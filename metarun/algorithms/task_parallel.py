@@ -1,0 +1,100 @@
+"""The tasks of a meta-batch on several CPU threads at once, one intra-op thread each.
+
+A conv4 meta-step is many small kernels (a 5-way task is 5 support and 75 query images): torch's
+intra-op threads split each kernel and gain little from the second core, while tasks are
+independent. Measured on the 2-core CPU machine (conv4, second-order MAML, meta-batch 32, idle):
+task by task with 2 intra-op threads 3.27 s per meta-step at 5-way 1-shot and 4.69 s at 5-shot;
+two tasks at a time on one thread each 2.22 s and 3.51 s, with the same gradients.
+
+Two things are not safe to share between threads and are handled here: ``torch.func``'s
+transforms (so a worker's inner loop uses ``torch.autograd.grad``: see ``MAML.support_grads``)
+and ``functional_call`` on one module (it swaps the module's parameters in place), so each
+worker runs its own copy of the adapted module, with the real parameters passed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+Result = TypeVar("Result")
+
+_local = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def worker_module() -> nn.Module | None:
+    """The module copy of the worker thread running this code; None outside the workers."""
+    return getattr(_local, "module", None)
+
+
+def cpu_workers(tasks: int, device: torch.device) -> int:
+    """How many tasks run at once: one per intra-op thread torch has, on the CPU only.
+
+    On a GPU one stream serves the kernels anyway; with one thread there is nothing to share.
+    """
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), tasks))
+
+
+def chunks(tasks: int, workers: int) -> list[range]:
+    """Contiguous, near-equal task ranges, one per worker, in task order."""
+    bounds = [tasks * w // workers for w in range(workers + 1)]
+    return [range(bounds[w], bounds[w + 1]) for w in range(workers)]
+
+
+class WorkerModules:
+    """Per-worker deep copies of a module, made once and kept for later meta-steps.
+
+    Only the copies' structure is used: the caller passes the real parameters (and buffers) to
+    ``functional_call``, so the copies never need to follow the original's values.
+    """
+
+    def __init__(self) -> None:
+        self._copies: list[nn.Module] = []
+        self._source: int | None = None
+
+    def for_module(self, module: nn.Module, workers: int) -> list[nn.Module]:
+        if self._source != id(module):
+            self._copies, self._source = [], id(module)
+        while len(self._copies) < workers:
+            self._copies.append(copy.deepcopy(module))
+        return self._copies[:workers]
+
+
+def run_chunks(
+    work: Callable[[range], Result], tasks: int, modules: Sequence[nn.Module]
+) -> list[Result]:
+    """``work(task_range)`` for each worker's range of tasks, in parallel; results in task order.
+
+    With one module it runs in the calling thread, unchanged. Otherwise torch's intra-op threads
+    are set to 1 for the duration (restored after), so the workers don't oversubscribe the cores.
+    """
+    workers = len(modules)
+    ranges = chunks(tasks, workers)
+    if workers == 1:
+        return [work(ranges[0])]
+
+    def in_worker(index: int) -> Result:
+        _local.module = modules[index]
+        try:
+            return work(ranges[index])
+        finally:
+            _local.module = None
+
+    pool = _pools.get(workers)
+    if pool is None:
+        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metarun-task")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return list(pool.map(in_worker, range(workers)))
+    finally:
+        torch.set_num_threads(threads)
