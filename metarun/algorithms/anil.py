@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.maml import MAML, prefers_loop
+from metarun.algorithms.maml import MAML
+from metarun.algorithms.task_drivers import prefers_loop
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 

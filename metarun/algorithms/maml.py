@@ -34,51 +34,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms import task_parallel
+from metarun.algorithms import task_drivers
 from metarun.algorithms.base import TASK_TYPES, MetaAlgorithm, task_loss, task_scores
+from metarun.algorithms.task_drivers import prefers_loop, stack_results, vmap_is_exact
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 
 Params = dict[str, Tensor]
 TASK_BATCHING = ("auto", "vmap", "loop")
-
-
-# Fused norm kernels whose second-order gradient is wrong under vmap(grad) in torch 2.x (the
-# batching rule of their backward: pytorch/functorch#534; measured wrong in torch 2.13 CPU,
-# 20-40% relative error). GroupNorm is not affected.
-_VMAP_UNSAFE_NORMS = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LayerNorm,
-)
-
-
-def _contains(model: nn.Module, module_types: tuple[type[nn.Module], ...]) -> bool:
-    return any(isinstance(module, module_types) for module in model.modules())
-
-
-def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
-    """False where vmap would give a wrong meta-gradient (second order through a fused norm)."""
-    return first_order or not _contains(model, _VMAP_UNSAFE_NORMS)
-
-
-def prefers_loop(model: nn.Module, first_order: bool) -> bool:
-    """The ``auto`` rule: conv nets, and nets vmap gets wrong, adapt task by task.
-
-    ``vmap`` over per-task conv weights becomes a grouped convolution: on CPU (conv4, 5-way
-    1-shot, 15 queries, meta-batch 32) it was about 2x slower than the loop with batch-norm and
-    first order, 8x without batch-norm and second order. A 1-40-40-1 sinusoid MLP (meta-batch
-    25) was 12-13x faster under ``vmap``. The GPU choice is not yet measured.
-    """
-    return _contains(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not vmap_is_exact(
-        model, first_order
-    )
 
 
 class MAML(MetaAlgorithm):
@@ -128,7 +92,7 @@ class MAML(MetaAlgorithm):
                 "algo.task_batching=auto or loop, or algo.first_order=true"
             )
         self.task_batching = task_batching
-        self._worker_modules = task_parallel.WorkerModules()
+        self._worker_modules = task_drivers.WorkerModules()
 
     @property
     def inner_module(self) -> nn.Module:
@@ -154,7 +118,7 @@ class MAML(MetaAlgorithm):
         the original's buffers), since ``functional_call`` swaps the parameters of the module it
         is given.
         """
-        module = task_parallel.worker_module()
+        module = task_drivers.worker_module()
         if module is None:
             return functional_call(self.inner_module, params, (inputs,))
         return functional_call(
@@ -195,7 +159,7 @@ class MAML(MetaAlgorithm):
         so task-parallel workers take the same gradient with ``torch.autograd.grad``, keeping
         the graph unless first-order. Both ignore a caller's ``no_grad``.
         """
-        if task_parallel.worker_module() is None:
+        if task_drivers.worker_module() is None:
             return grad(self._support_loss)(params, support_x, support_y)
         with torch.enable_grad():
             loss = self._support_loss(params, support_x, support_y)
@@ -227,7 +191,7 @@ class MAML(MetaAlgorithm):
             return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
         tasks = per_task_args[0].shape[0]
         results = [per_task(shared, *(arg[i] for arg in per_task_args)) for i in range(tasks)]
-        return _stack(results)
+        return stack_results(results)
 
     def adapted_query_outputs(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         """Query outputs ``[B, M, ...]`` after adapting ``params`` on each task's support."""
@@ -259,7 +223,7 @@ class MAML(MetaAlgorithm):
         every algorithm. The surrogate also carries the gradient of inputs computed by a shared
         module (ANIL's body features), so that module is differentiated once for the whole
         batch, not once per task. On the CPU, ranges of tasks run on parallel threads (see
-        ``task_parallel``); the sums are taken in task order either way.
+        ``task_drivers``); the sums are taken in task order either way.
         """
         tasks = query_y.shape[0]
         per_task = self._query_outputs(self.inner_steps)
@@ -292,13 +256,13 @@ class MAML(MetaAlgorithm):
                 task_results.append({name: value.detach() for name, value in scores.items()})
             return param_grads, leaf_grads, task_results
 
-        workers = task_parallel.cpu_workers(tasks, query_y.device)
+        workers = task_drivers.cpu_workers(tasks, query_y.device)
         modules = (
             self._worker_modules.for_module(self.inner_module, workers)
             if workers > 1
             else [self.inner_module]
         )
-        parts = task_parallel.run_chunks(task_range, tasks, modules)
+        parts = task_drivers.run_chunks(task_range, tasks, modules)
         param_grads: list[Tensor | None] = [None] * len(meta_params)
         for part_grads, _, _ in parts:
             for k, g in enumerate(part_grads):
@@ -338,13 +302,3 @@ class MAML(MetaAlgorithm):
         outputs = self.adapted_query_outputs(params, inputs, self.test_inner_steps)
         scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
         return {name: value.detach() for name, value in scores.items()}
-
-
-def _stack(results: list[Any]) -> Any:
-    """Stack per-task results (tensors, or tuples/dicts of them) along a new dim 0."""
-    first = results[0]
-    if isinstance(first, Tensor):
-        return torch.stack(results)
-    if isinstance(first, dict):
-        return {key: _stack([r[key] for r in results]) for key in first}
-    return type(first)(_stack(list(parts)) for parts in zip(*results, strict=True))

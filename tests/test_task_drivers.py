@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarun.algorithms import task_parallel
+from metarun.algorithms import task_drivers
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.metasgd import MetaSGD
@@ -32,10 +32,10 @@ def meta_step(algorithm, batch, threads: int) -> tuple[float, list[torch.Tensor]
 
 
 def test_chunks_cover_every_task_once_in_order():
-    assert task_parallel.chunks(5, 2) == [range(0, 2), range(2, 5)]
-    assert [i for r in task_parallel.chunks(32, 3) for i in r] == list(range(32))
-    assert task_parallel.cpu_workers(1, torch.device("cpu")) == 1
-    assert task_parallel.cpu_workers(8, torch.device("meta")) == 1
+    assert task_drivers.chunks(5, 2) == [range(0, 2), range(2, 5)]
+    assert [i for r in task_drivers.chunks(32, 3) for i in r] == list(range(32))
+    assert task_drivers.cpu_workers(1, torch.device("cpu")) == 1
+    assert task_drivers.cpu_workers(8, torch.device("meta")) == 1
 
 
 @pytest.mark.parametrize(
@@ -49,18 +49,18 @@ def test_two_workers_match_one_task_at_a_time(algo, first_order, restore_threads
     algorithm = kind(model, "classification", 0.3, 2, first_order=first_order, task_batching="loop")
 
     used = []
-    original = task_parallel.run_chunks
+    original = task_drivers.run_chunks
 
     def spy(work, tasks, modules):
         used.append(len(modules))
         return original(work, tasks, modules)
 
-    task_parallel.run_chunks = spy
+    task_drivers.run_chunks = spy
     try:
         loss_one, grads_one = meta_step(algorithm, batch, threads=1)
         loss_two, grads_two = meta_step(algorithm, batch, threads=2)
     finally:
-        task_parallel.run_chunks = original
+        task_drivers.run_chunks = original
     assert used == [1, 2]  # the second step really ran two workers
     assert loss_two == pytest.approx(loss_one, rel=1e-12)
     assert any(g.abs().max() > 0 for g in grads_one)
