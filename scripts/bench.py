@@ -19,6 +19,8 @@ Cases (``--only`` takes shell-style patterns of their names):
 - ``maml-*``, ``fomaml-*``, ``protonet-5w5s``: seconds per meta-iteration (forward, backward and
   an Adam step; median of ``--repeat`` after ``--warmup``, the libraries interleaved), and the
   peak memory one iteration adds (see bench_measure.py for how).
+- ``train-*``: a whole meta-training iteration with the data included: each library samples
+  its own meta-batch with its own pipeline, then the MAML step (see bench_train.py).
 - ``grad-*``: float64 meta-gradients of both libraries on the same weights and tasks; the largest
   absolute difference (target <= 1e-6).
 
@@ -66,6 +68,7 @@ try:
         gradient_agreement,
         make_model,
     )
+    from bench_train import TrainCase, time_training
 except ModuleNotFoundError as error:
     if error.name not in ("learn2learn", "torchvision"):
         raise
@@ -76,8 +79,11 @@ from metarun.data.episodes import TaskBatch
 from metarun.data.omniglot import Omniglot
 
 REPO = Path(__file__).resolve().parent.parent
+# Training iterations with the data included, at the MAML shapes (second order, 1 step).
+TRAIN_CASES = [TrainCase(case) for case in STEP_CASES
+               if case.algo == "maml" and not case.first_order and case.inner_steps == 1]
 ALL_CASES = (["ready"] + [case.name for case in SAMPLE_CASES] + [case.name for case in STEP_CASES]
-             + [f"grad-{case.name}" for case in STEP_CASES])
+             + [case.name for case in TRAIN_CASES] + [f"grad-{case.name}" for case in STEP_CASES])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,6 +176,13 @@ def print_tables(results: dict[str, object]) -> None:
                   f"{row['learn2learn_s_per_it']:.3f} | {row['speedup']:.2f}x | "
                   f"{_mib(row['metarun_peak_mib'])} | {_mib(row['learn2learn_peak_mib'])} |")
         print(f"\npeak memory: {results['settings']['memory_method']}")
+    if results["training"]:
+        print("\n| training iteration (data included) | metarun s/it | learn2learn s/it "
+              "| speed-up |")
+        print("|---|---:|---:|---:|")
+        for row in results["training"]:
+            print(f"| {row['case']} | {row['metarun_s_per_it']:.3f} | "
+                  f"{row['learn2learn_s_per_it']:.3f} | {row['speedup']:.2f}x |")
     if results["gradients"]:
         print("\n| gradient agreement (float64) | tasks | max abs diff | max abs grad | <= 1e-6 |")
         print("|---|---:|---:|---:|---|")
@@ -197,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {key: str(value) if isinstance(value, Path) else value
                      for key, value in vars(args).items()}
         | {"data": str(data_root), "cases": names, "memory_method": memory_method(device)},
-        "ready": None, "sampling": [], "steps": [], "gradients": [],
+        "ready": None, "sampling": [], "steps": [], "training": [], "gradients": [],
     }
     l2l_data: L2lOmniglot | None = None
     try:
-        if "ready" in names or any(case.name in names for case in SAMPLE_CASES):
+        needs_l2l_data = [*SAMPLE_CASES, *TRAIN_CASES]
+        if "ready" in names or any(case.name in names for case in needs_l2l_data):
             progress("extracting Omniglot for learn2learn into a temporary folder")
             l2l_data = L2lOmniglot(data_root)
         if "ready" in names:
@@ -218,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             if case.name in names:
                 progress(f"{case.name}: timing")
                 results["steps"].append(time_step_case(case, dataset, args, device))
+        for case in TRAIN_CASES:
+            if case.name in names:
+                progress(f"{case.name}: timing, data included")
+                results["training"].append(time_training(
+                    case, dataset, l2l_data, args.seed, args.warmup, args.repeat, device))
         for case in STEP_CASES:
             if f"grad-{case.name}" in names:
                 progress(f"grad-{case.name}")
