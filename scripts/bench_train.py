@@ -11,13 +11,12 @@ class split), so only time is compared here, not losses.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from bench_data import L2lOmniglot
 from bench_measure import median, time_interleaved
-from bench_steps import META_LR, StepCase, make_model, make_runner
+from bench_steps import StepCase, TimedStep, make_model
 
 from metarun.data.episodes import TaskBatch
 from metarun.data.omniglot import Omniglot
@@ -51,21 +50,17 @@ def l2l_task_batch(tasks: object, case: StepCase) -> TaskBatch:
     )
 
 
-class TrainingIteration:
-    """Sample a meta-batch with the library's own pipeline, then one meta-step and Adam."""
+class TrainingIteration(TimedStep):
+    """A TimedStep whose meta-batch is sampled anew, by the library's own pipeline, each call
+    (MAML only: ProtoNet's learn2learn episodes would still be the first batch's)."""
 
     def __init__(self, library: str, base: torch.nn.Module, case: StepCase, sample) -> None:
-        self.model = copy.deepcopy(base)
-        self.runner = make_runner(library, self.model, case)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=META_LR)
+        super().__init__(library, base, case, sample())
         self.sample = sample
 
     def __call__(self) -> float:
-        batch = self.sample()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.runner.backward(batch, [])
-        self.optimizer.step()
-        return loss
+        self.batch = self.sample()
+        return super().__call__()
 
 
 def time_training(case: TrainCase, dataset: Omniglot, l2l_data: L2lOmniglot, seed: int,

@@ -27,7 +27,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -249,9 +249,7 @@ class MAML(MetaAlgorithm):
                     grads = torch.autograd.grad(
                         scores["loss"].sum() / tasks, [*meta_params, *leaves], allow_unused=True
                     )
-                for k, g in enumerate(grads[: len(meta_params)]):
-                    if g is not None:
-                        param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+                _add_grads(param_grads, grads[: len(meta_params)])
                 leaf_grads.append(grads[len(meta_params) :])
                 task_results.append({name: value.detach() for name, value in scores.items()})
             return param_grads, leaf_grads, task_results
@@ -265,9 +263,7 @@ class MAML(MetaAlgorithm):
         parts = task_drivers.run_chunks(task_range, tasks, modules)
         param_grads: list[Tensor | None] = [None] * len(meta_params)
         for part_grads, _, _ in parts:
-            for k, g in enumerate(part_grads):
-                if g is not None:
-                    param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+            _add_grads(param_grads, part_grads)
         leaf_grads = [g for _, part_leaves, _ in parts for g in part_leaves]
         shared_grads = [
             torch.stack(
@@ -302,3 +298,10 @@ class MAML(MetaAlgorithm):
         outputs = self.adapted_query_outputs(params, inputs, self.test_inner_steps)
         scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
         return {name: value.detach() for name, value in scores.items()}
+
+
+def _add_grads(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    """``totals[k] += grads[k]`` in place of the list, where None means no gradient (yet)."""
+    for k, g in enumerate(grads):
+        if g is not None:
+            totals[k] = g if totals[k] is None else totals[k] + g
