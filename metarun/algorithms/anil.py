@@ -46,6 +46,7 @@ from metarun.algorithms.maml import MAML
 from metarun.algorithms.task_drivers import prefers_loop
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
+from metarun.models.layout import cpu_fast_layout
 
 
 def check_body_and_head(model: object) -> None:
@@ -102,7 +103,9 @@ class ANIL(MAML):
         """``[B, M, ...]`` inputs to ``[B, M, D]`` features, each task a batch of its own."""
         if self.uses_vmap:
             return vmap(self.model.features)(inputs)
-        return torch.stack([self.model.features(task_inputs) for task_inputs in inputs])
+        return torch.stack(
+            [self.model.features(cpu_fast_layout(task_inputs)) for task_inputs in inputs]
+        )
 
     def task_inputs(self, batch: TaskBatch) -> TaskBatch:
         return TaskBatch(

@@ -40,6 +40,7 @@ from metarun.algorithms.task_drivers import prefers_loop, stack_results, vmap_is
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
+from metarun.models.layout import cpu_fast_layout
 
 Params = dict[str, Tensor]
 TASK_BATCHING = ("auto", "vmap", "loop")
@@ -111,6 +112,23 @@ class MAML(MetaAlgorithm):
 
     # The per-task pure functions: the same code under vmap and in the loop.
 
+    def fast_layout(self, inputs: Tensor) -> Tensor:
+        """A task's images channels-last for a conv net on the CPU, in the loop drivers.
+
+        Only for passes differentiated at most once: the query passes, and the support passes
+        of first-order or evaluation adaptation. A support pass that second-order MAML
+        differentiates twice stays NCHW, where PyTorch's double-backward kernels of batch-norm
+        and max-pool are faster (measured: conv4 5-way 5-shot, 2 threads, 5.5 s per meta-step
+        all channels-last against 4.8 s all NCHW). See ``metarun.models.layout``.
+        """
+        if self.uses_vmap or not self._has_convs:
+            return inputs
+        return cpu_fast_layout(inputs)
+
+    @property
+    def _has_convs(self) -> bool:
+        return _contains_conv2d(self.inner_module)
+
     def forward_with(self, params: Params, inputs: Tensor) -> Tensor:
         """The inner module's outputs with ``params`` in place of its own parameters.
 
@@ -145,6 +163,8 @@ class MAML(MetaAlgorithm):
         returned parameters carry the full dependence on ``params`` through every step.
         """
         state: dict[str, Any] = {}
+        if self.first_order or not any(p.requires_grad for p in params.values()):
+            support_x = self.fast_layout(support_x)
         for _ in range(steps):
             grads = self.support_grads(params, support_x, support_y)
             if self.first_order:
@@ -176,7 +196,7 @@ class MAML(MetaAlgorithm):
             params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor
         ) -> Tensor:
             adapted = self.adapt(params, support_x, support_y, steps)
-            return self.forward_with(adapted, query_x)
+            return self.forward_with(adapted, self.fast_layout(query_x))
 
         return per_task
 
@@ -298,6 +318,10 @@ class MAML(MetaAlgorithm):
         outputs = self.adapted_query_outputs(params, inputs, self.test_inner_steps)
         scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
         return {name: value.detach() for name, value in scores.items()}
+
+
+def _contains_conv2d(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
 def _add_grads(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:

@@ -36,6 +36,7 @@ from metarun.algorithms.base import CLASSIFICATION, TASK_TYPES, MetaAlgorithm, t
 from metarun.checks import optional_positive_int
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
+from metarun.models.layout import cpu_fast_layout
 
 Embed = Callable[[Tensor], Tensor]
 
@@ -76,7 +77,7 @@ def embed_tasks(embed: Embed, x: Tensor, fold: bool = False) -> Tensor:
     """
     if fold:
         return embed(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-    return torch.stack([embed(task_x) for task_x in x])
+    return torch.stack([embed(cpu_fast_layout(task_x)) for task_x in x])
 
 
 def embed_episode(embed: Embed, batch: TaskBatch, fold: bool = False) -> tuple[Tensor, Tensor]:

@@ -141,7 +141,7 @@ class Reptile(MAML):
             params: Params, train_x: Tensor, train_y: Tensor, query_x: Tensor
         ) -> tuple[Params, Tensor]:
             adapted = self.adapt(params, train_x, train_y, self.inner_steps)
-            return adapted, self.forward_with(adapted, query_x)
+            return adapted, self.forward_with(adapted, self.fast_layout(query_x))
 
         return self.map_tasks(per_task, start, train_x, train_y, batch.query_x)
 
