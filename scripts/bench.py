@@ -54,10 +54,12 @@ try:
         sampling_rates,
     )
     from bench_measure import (
+        cpu_seconds_by_kind,
         machine_info,
         median,
         memory_method,
         peak_memory_mib,
+        steal_share,
         time_interleaved,
     )
     from bench_steps import (
@@ -77,6 +79,7 @@ except ModuleNotFoundError as error:
 
 from metarun.data.episodes import TaskBatch
 from metarun.data.omniglot import Omniglot
+from metarun.models import layout
 
 REPO = Path(__file__).resolve().parent.parent
 # Training iterations with the data included, at the MAML shapes (second order, 1 step).
@@ -106,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-meta-batch", type=int, default=None,
                         help="tasks per gradient-agreement case (default: the case's meta-batch)")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="metarun keeps NCHW everywhere (to measure what its CPU channels-last "
+                             "layout gives; see metarun/models/layout.py)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.no_channels_last:
+        layout.FAST_DTYPES = ()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench: --device cuda but torch sees no GPU")
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "ready": None, "sampling": [], "steps": [], "training": [], "gradients": [],
     }
     l2l_data: L2lOmniglot | None = None
+    cpu_before = cpu_seconds_by_kind()
     try:
         needs_l2l_data = [*SAMPLE_CASES, *TRAIN_CASES]
         if "ready" in names or any(case.name in names for case in needs_l2l_data):
@@ -247,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if l2l_data is not None:
             l2l_data.close()
+    results["machine"]["cpu_steal_share"] = steal_share(cpu_before, cpu_seconds_by_kind())
     print_tables(results)
+    if results["machine"]["cpu_steal_share"] is not None:
+        print(f"\nCPU time stolen by the hypervisor during this run: "
+              f"{100 * results['machine']['cpu_steal_share']:.1f}%")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -120,6 +120,35 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_seconds_by_kind() -> dict[str, float] | None:
+    """Machine-wide CPU seconds so far by kind (``/proc/stat``): busy, idle and *steal*.
+
+    Steal is time the hypervisor gave this VM's cores to someone else: on a shared cloud VM it
+    is what makes wall-clock timings drift from run to run, so the bench reports how much of it
+    its run saw.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(value) for value in fields[1:9]]
+    per_second = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (t / per_second for t in ticks)
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def steal_share(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    """The fraction of CPU time between two readings that the hypervisor stole."""
+    if before is None or after is None:
+        return None
+    spent = {kind: after[kind] - before[kind] for kind in before}
+    total = sum(spent.values())
+    return spent["steal"] / total if total > 0 else None
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
