@@ -43,13 +43,13 @@ _VMAP_UNSAFE_NORMS = (
 )
 
 
-def _contains(model: nn.Module, module_types: tuple[type[nn.Module], ...]) -> bool:
+def contains(model: nn.Module, module_types: tuple[type[nn.Module], ...]) -> bool:
     return any(isinstance(module, module_types) for module in model.modules())
 
 
 def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
     """False where vmap would give a wrong meta-gradient (second order through a fused norm)."""
-    return first_order or not _contains(model, _VMAP_UNSAFE_NORMS)
+    return first_order or not contains(model, _VMAP_UNSAFE_NORMS)
 
 
 def prefers_loop(model: nn.Module, first_order: bool) -> bool:
@@ -60,7 +60,7 @@ def prefers_loop(model: nn.Module, first_order: bool) -> bool:
     first order, 8x without batch-norm and second order. A 1-40-40-1 sinusoid MLP (meta-batch
     25) was 12-13x faster under ``vmap``. The GPU choice is not yet measured.
     """
-    return _contains(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not vmap_is_exact(
+    return contains(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not vmap_is_exact(
         model, first_order
     )
 

@@ -33,7 +33,7 @@ def channels_last(images: Tensor) -> Tensor:
     """``images [N, C, H, W]`` with channels-last strides (a view when C is 1, else a copy)."""
     if images.shape[1] == 1:
         images = images.contiguous()
-        n, _, height, width = images.shape
+        _, _, height, width = images.shape
         return images.as_strided(images.shape, (height * width, 1, width, 1))
     return images.contiguous(memory_format=torch.channels_last)
 
