@@ -46,6 +46,7 @@ try:
     # on every import; learn2learn's gym part is not used here.
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn  # noqa: F401
+    import bench_steps
     from bench_data import (
         SAMPLE_CASES,
         L2lOmniglot,
@@ -112,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-channels-last", action="store_true",
                         help="metarun keeps NCHW everywhere (to measure what its CPU channels-last "
                              "layout gives; see metarun/models/layout.py)")
+    parser.add_argument("--task-batching", choices=("auto", "loop", "vmap"), default="auto",
+                        help="metarun MAML's driver over the tasks (algo.task_batching; default: "
+                             "what metarun picks for the device)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be >= 1 and --warmup >= 0")
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.no_channels_last:
         layout.FAST_DTYPES = ()
+    bench_steps.TASK_BATCHING = args.task_batching
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench: --device cuda but torch sees no GPU")

@@ -44,6 +44,9 @@ INNER_LR = 0.4  # MAML's Omniglot inner step size (configs/specialize/maml_omnig
 META_LR = 1e-3
 IMAGE_SHAPE = (1, 28, 28)
 GRADIENT_TOLERANCE = 1e-6
+# metarun's MAML driver over tasks (its algo.task_batching); bench.py --task-batching sets it, to
+# time a driver that ``auto`` does not pick on this device (e.g. vmap on a GPU).
+TASK_BATCHING = "auto"
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class MetarunRunner:
         if case.algo == "maml":
             self.algo: MAML | ProtoNet = MAML(model, "classification", inner_lr=INNER_LR,
                                               inner_steps=case.inner_steps,
-                                              first_order=case.first_order)
+                                              first_order=case.first_order,
+                                              task_batching=TASK_BATCHING)
         else:
             self.algo = ProtoNet(model, "classification")
 

@@ -132,10 +132,11 @@ def meta_loss_central_difference(
 @pytest.mark.parametrize("task_type", ["regression", "classification"])
 @pytest.mark.parametrize(
     ("backbone", "driver"),
-    # Second order through batch-norm under vmap is refused (tested below): loop only.
+    # Second order through batch-norm under vmap runs it in plain ops (metarun.models.plain_norm).
     [
         ("mlp", "vmap"),
         ("mlp", "loop"),
+        ("conv4", "vmap"),
         ("conv4", "loop"),
         ("conv4-nobn", "vmap"),
         ("conv4-nobn", "loop"),
@@ -211,7 +212,8 @@ def test_first_order_is_query_gradient_at_adapted_parameters(backbone: str, driv
         ("mlp", "regression", False),
         ("mlp", "classification", True),
         ("conv4-nobn", "classification", False),
-        ("conv4", "classification", True),  # second order: refused under vmap
+        ("conv4", "classification", True),
+        ("conv4", "classification", False),  # batch-norm in plain ops under vmap
     ],
 )
 def test_vmap_and_loop_drivers_agree(backbone: str, task_type: str, first_order: bool) -> None:
@@ -242,15 +244,21 @@ def test_auto_batching_picks_loop_for_conv_and_vmap_for_mlp() -> None:
     assert MAML(normed, "regression", first_order=True).uses_vmap
 
 
-@pytest.mark.parametrize("backbone", ["conv4", "mlp-layernorm"])
+@pytest.mark.parametrize("backbone", ["conv4-running-stats", "mlp-layernorm"])
 def test_vmap_with_second_order_through_norm_layers_is_refused(backbone: str) -> None:
-    if backbone == "conv4":
-        model = make_model("conv4", "regression")
+    if backbone == "conv4-running-stats":
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 14 * 14, 1)
+        )
     else:
         model = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ConfigError, match=r"algo\.task_batching=vmap .*functorch#534"):
         MAML(model, "regression", task_batching="vmap")
     assert MAML(model, "regression", task_batching="vmap", first_order=True).uses_vmap
+
+
+def test_vmap_with_second_order_through_batch_statistics_is_allowed() -> None:
+    assert MAML(make_model("conv4", "regression"), "regression", task_batching="vmap").uses_vmap
 
 
 @pytest.mark.parametrize("driver", ["vmap", "loop"])

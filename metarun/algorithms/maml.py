@@ -14,8 +14,9 @@ so every forward pass normalises with the statistics of the one task's support o
 given (transductive, per task, as in the MAML reference code). Nothing is shared between tasks in
 either driver: under ``vmap`` the statistics are per task because each task is its own batch.
 PyTorch's fused batch-norm (and layer-norm) gets second-order gradients wrong under ``vmap``
-(pytorch/functorch#534), so second-order MAML on such a net always uses the loop; asking for
-``vmap`` there is a ``ConfigError``.
+(pytorch/functorch#534), so second-order ``vmap`` runs batch-norm in plain ops
+(``metarun.models.plain_norm``), which is exact; asking for ``vmap`` with second order through
+layer- or instance-norm, or a batch-norm that keeps running statistics, is a ``ConfigError``.
 
 Usage::
 
@@ -88,9 +89,10 @@ class MAML(MetaAlgorithm):
             )
         if task_batching == "vmap" and not vmap_is_exact(self.inner_module, first_order):
             raise ConfigError(
-                "algo.task_batching=vmap gives wrong second-order gradients through batch-, "
-                "instance- or layer-norm in PyTorch (pytorch/functorch#534); use "
-                "algo.task_batching=auto or loop, or algo.first_order=true"
+                "algo.task_batching=vmap gives wrong second-order gradients through instance- "
+                "or layer-norm, or a batch-norm with running statistics, in PyTorch "
+                "(pytorch/functorch#534); use algo.task_batching=auto or loop, or "
+                "algo.first_order=true"
             )
         self.task_batching = task_batching
         self._worker_modules = task_drivers.WorkerModules()
@@ -204,7 +206,8 @@ class MAML(MetaAlgorithm):
         """
         if self.uses_vmap:
             in_dims = (None, *(0 for _ in per_task_args))
-            return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
+            with task_drivers.vmap_context(self.first_order):
+                return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
         tasks = per_task_args[0].shape[0]
         results = [per_task(shared, *(arg[i] for arg in per_task_args)) for i in range(tasks)]
         return stack_results(results)

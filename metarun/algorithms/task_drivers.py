@@ -21,26 +21,29 @@ import copy
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from metarun.models.plain_norm import batch_norm_in_plain_ops
+
 Result = TypeVar("Result")
 
 # Fused norm kernels whose second-order gradient is wrong under vmap(grad) in torch 2.x (the
 # batching rule of their backward: pytorch/functorch#534; measured wrong in torch 2.13 CPU,
-# 20-40% relative error). GroupNorm is not affected.
+# 20-40% relative error). GroupNorm is not affected. Batch-norm that normalises with the batch's
+# own statistics is made exact by ``vmap_context`` (plain ops); one that updates running
+# statistics is not (its update is an in-place write under vmap).
 _VMAP_UNSAFE_NORMS = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
     nn.SyncBatchNorm,
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
     nn.LayerNorm,
 )
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def contains(model: nn.Module, module_types: tuple[type[nn.Module], ...]) -> bool:
@@ -48,8 +51,24 @@ def contains(model: nn.Module, module_types: tuple[type[nn.Module], ...]) -> boo
 
 
 def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
-    """False where vmap would give a wrong meta-gradient (second order through a fused norm)."""
-    return first_order or not contains(model, _VMAP_UNSAFE_NORMS)
+    """False where vmap would give a wrong meta-gradient, even within ``vmap_context``."""
+    if first_order:
+        return True
+    keeps_running_statistics = any(
+        isinstance(module, _BATCH_NORMS) and module.track_running_stats
+        for module in model.modules()
+    )
+    return not keeps_running_statistics and not contains(model, _VMAP_UNSAFE_NORMS)
+
+
+def vmap_context(first_order: bool) -> AbstractContextManager[Any]:
+    """What a vmap driver runs its forward passes in: batch-norm in plain ops for second order.
+
+    The fused batch-norm's double backward is wrong under vmap (pytorch/functorch#534); the
+    plain-ops version (``metarun.models.plain_norm``) is exact but slower, so first order, where
+    the fused kernel is right, keeps it.
+    """
+    return nullcontext() if first_order else batch_norm_in_plain_ops()
 
 
 def prefers_loop(model: nn.Module, first_order: bool) -> bool:
