@@ -166,6 +166,7 @@ def metasgd_rates(metasgd: MetaSGD) -> list[Tensor]:
         ("mlp", "regression", "vmap", 3),
         ("mlp", "classification", "loop", 2),
         ("conv4", "classification", "loop", 2),
+        ("conv4", "classification", "vmap", 1),  # second order: batch-norm in plain ops
         ("conv4-nobn", "regression", "vmap", 1),
     ],
 )
@@ -421,8 +422,12 @@ def test_auto_drivers() -> None:
     assert not ANIL(conv, "classification").uses_vmap  # a conv body: the loop is faster
     assert ANIL(mlp, "regression").uses_vmap
     assert ANIL(conv, "classification", task_batching="vmap").uses_vmap  # second order allowed
+    # Second order through batch statistics runs under vmap (batch-norm in plain ops); through
+    # layer-norm it is refused.
+    assert MetaSGD(conv, "classification", task_batching="vmap").uses_vmap
+    normed = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ConfigError, match=r"algo\.task_batching=vmap"):
-        MetaSGD(conv, "classification", task_batching="vmap")
+        MetaSGD(normed, "regression", task_batching="vmap")
 
 
 @pytest.mark.parametrize(
