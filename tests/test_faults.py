@@ -16,10 +16,10 @@ from metarun.checkpoint import load_checkpoint, previous_path
 from metarun.errors import CheckpointError
 from tests.runs import METARUN, check_ok, comparable, read_results, read_scalars, run_metarun
 
-MAX_ITERS = 1200
+MAX_ITERS = 600  # long enough to kill at three random points; the length itself is not tested
 BUDGET = [
     f"trainer.max_iters={MAX_ITERS}",
-    "trainer.val_every=400",
+    "trainer.val_every=200",
     "trainer.val_episodes=50",
     "trainer.test_episodes=100",
     "trainer.log_every=20",
