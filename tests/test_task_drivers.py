@@ -3,8 +3,11 @@ as one task at a time, for every algorithm on MAML's loop driver, in float64."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from torch import nn
 
 from metarun.algorithms import task_drivers
 from metarun.algorithms.anil import ANIL
@@ -31,11 +34,38 @@ def meta_step(algorithm, batch, threads: int) -> tuple[float, list[torch.Tensor]
     return loss.item(), grads
 
 
-def test_chunks_cover_every_task_once_in_order():
-    assert task_drivers.chunks(5, 2) == [range(0, 2), range(2, 5)]
-    assert [i for r in task_drivers.chunks(32, 3) for i in r] == list(range(32))
+def test_every_task_runs_once_and_results_come_back_in_task_order():
+    modules = [nn.Linear(1, 1), nn.Linear(1, 1)]
+    ran = []
+
+    def work(indices: range) -> list[int]:
+        ran.extend(indices)
+        return [i * 10 for i in indices]
+
+    assert task_drivers.run_tasks(work, 7, modules) == [[i * 10] for i in range(7)]
+    assert sorted(ran) == list(range(7))
+    assert task_drivers.run_tasks(work, 3, modules[:1]) == [[0, 10, 20]]  # one call, in place
     assert task_drivers.cpu_workers(1, torch.device("cpu")) == 1
     assert task_drivers.cpu_workers(8, torch.device("meta")) == 1
+
+
+def test_a_slow_task_holds_up_only_its_own_worker():
+    # Task 0 finishes only once every other task has: with fixed halves of the meta-batch its
+    # worker would own tasks 1-2 as well and wait forever (here: time out and fail).
+    tasks, others_done, done = 6, threading.Event(), []
+
+    def work(indices: range) -> str:
+        (task,) = indices
+        if task == 0:
+            assert others_done.wait(timeout=30), "the other worker did not take the other tasks"
+        else:
+            done.append(task)
+            if len(done) == tasks - 1:
+                others_done.set()
+        return threading.current_thread().name
+
+    names = task_drivers.run_tasks(work, tasks, [nn.Linear(1, 1), nn.Linear(1, 1)])
+    assert names[0] not in names[1:]  # one worker held task 0 while the other did the rest
 
 
 @pytest.mark.parametrize(
@@ -49,18 +79,18 @@ def test_two_workers_match_one_task_at_a_time(algo, first_order, restore_threads
     algorithm = kind(model, "classification", 0.3, 2, first_order=first_order, task_batching="loop")
 
     used = []
-    original = task_drivers.run_chunks
+    original = task_drivers.run_tasks
 
     def spy(work, tasks, modules):
         used.append(len(modules))
         return original(work, tasks, modules)
 
-    task_drivers.run_chunks = spy
+    task_drivers.run_tasks = spy
     try:
         loss_one, grads_one = meta_step(algorithm, batch, threads=1)
         loss_two, grads_two = meta_step(algorithm, batch, threads=2)
     finally:
-        task_drivers.run_chunks = original
+        task_drivers.run_tasks = original
     assert used == [1, 2]  # the second step really ran two workers
     assert loss_two == pytest.approx(loss_one, rel=1e-12)
     assert any(g.abs().max() > 0 for g in grads_one)

@@ -279,7 +279,7 @@ class MAML(MetaAlgorithm):
             if workers > 1
             else [self.inner_module]
         )
-        parts = task_drivers.run_chunks(task_range, tasks, modules)
+        parts = task_drivers.run_tasks(task_range, tasks, modules)
         param_grads: list[Tensor | None] = [None] * len(meta_params)
         for part_grads, _, _ in parts:
             _add_grads(param_grads, part_grads)
