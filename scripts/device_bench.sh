@@ -23,7 +23,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$REPO/.device-bundle"
 PYTHON="${PYTHON:-python3}"
 L2L_VERSION="0.2.0"
-# The device machine's Python; wheels are pure Python except where noted.
+# The device machine's Python: every carried wheel must be pure Python to install there.
 TARGET_PYTHON_VERSION="3.12"
 PURE_PACKAGES=("hydra-core==1.3.2" "omegaconf==2.3.0" "antlr4-python3-runtime==4.9.3"
                "gym==0.26.2" "gym-notices==0.1.0")
@@ -33,6 +33,8 @@ fail() {
     echo "device_bench: error: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/l2l_source.sh
+source "$REPO/scripts/l2l_source.sh"
 
 prepare() {
     local data="${METARUN_DATA:-$REPO/../shared/data}"
@@ -42,29 +44,22 @@ prepare() {
     mkdir -p "$BUNDLE/wheels" "$BUNDLE/data/omniglot" "$BUNDLE/src"
     TOOLS="$(mktemp -d -t device-bench-tools.XXXXXX)"
     trap 'rm -rf "$TOOLS"' EXIT
-    local tools="$TOOLS"
     step "a throw-away venv with pip and cython"
-    "$PYTHON" -m venv "$tools/venv"
-    "$tools/venv/bin/python" -m pip install --quiet --upgrade pip cython setuptools wheel
+    "$PYTHON" -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/python" -m pip install --quiet --upgrade pip cython setuptools wheel
     step "wheels: ${PURE_PACKAGES[*]}"
     # pip wheel builds the sdist-only ones (antlr4, gym) here; all are pure Python.
-    "$tools/venv/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$BUNDLE/wheels" \
+    "$TOOLS/venv/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$BUNDLE/wheels" \
         "${PURE_PACKAGES[@]}"
     for wheel in "$BUNDLE"/wheels/*.whl; do
         [[ "$wheel" == *-py3-none-any.whl || "$wheel" == *-py2.py3-none-any.whl ]] \
             || fail "$wheel is not pure Python: it would not install on Python $TARGET_PYTHON_VERSION"
     done
     step "learn2learn $L2L_VERSION source, .pyx re-cythonized"
-    "$tools/venv/bin/python" -m pip download --quiet --no-binary :all: --no-deps \
-        --dest "$tools" "learn2learn==$L2L_VERSION"
-    tar -xzf "$tools/learn2learn-$L2L_VERSION.tar.gz" -C "$BUNDLE/src"
-    local source="$BUNDLE/src/learn2learn-$L2L_VERSION" count=0
-    while IFS= read -r -d '' pyx; do
-        "$tools/venv/bin/cython" -3 "$pyx" -o "${pyx%.pyx}.c"
-        count=$((count + 1))
-    done < <(find "$source/learn2learn/data" -name '*.pyx' -print0)
-    [[ $count -gt 0 ]] || fail "no .pyx files under $source/learn2learn/data"
-    rm -rf "$source/docs" "$source/examples"  # 7 MB the build does not read
+    local l2l_dir
+    l2l_dir="$(l2l_source "$TOOLS/venv/bin/python" "$TOOLS/venv/bin/cython" "$L2L_VERSION" \
+        "$BUNDLE/src")" || fail "preparing learn2learn's source failed"
+    rm -rf "$l2l_dir/docs" "$l2l_dir/examples"  # 7 MB the build does not read
     step "Omniglot zips and splits from $data"
     cp "$data"/omniglot/*.zip "$BUNDLE/data/omniglot/"
     [[ -d "$data/omniglot/splits" ]] && cp -r "$data/omniglot/splits" "$BUNDLE/data/omniglot/"

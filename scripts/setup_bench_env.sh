@@ -34,6 +34,8 @@ fail() {
     echo "setup_bench_env: error: $* (full log: $LOG)" >&2
     exit 1
 }
+# shellcheck source=scripts/l2l_source.sh
+source "$REPO/scripts/l2l_source.sh"
 # Runs a command with its output in the log; on failure shows the log's tail and a one-line reason.
 quietly() {
     local what="$1"
@@ -80,21 +82,9 @@ assert learn2learn.__version__ == '$L2L_VERSION', learn2learn.__version__
 else
     BUILD_DIR="$(mktemp -d -t l2l-build.XXXXXX)"
     trap 'rm -rf "$BUILD_DIR"' EXIT
-    step "downloading learn2learn $L2L_VERSION source into $BUILD_DIR"
-    quietly "downloading learn2learn" "$PY" -m pip download --quiet --no-binary :all: --no-deps \
-        --dest "$BUILD_DIR" "learn2learn==$L2L_VERSION"
-    ARCHIVE="$(find "$BUILD_DIR" -maxdepth 1 -name 'learn2learn-*.tar.gz' | head -n 1)"
-    [[ -n "$ARCHIVE" ]] || fail "pip downloaded no learn2learn source archive into $BUILD_DIR"
-    quietly "unpacking $ARCHIVE" tar -xzf "$ARCHIVE" -C "$BUILD_DIR"
-    SOURCE="$BUILD_DIR/learn2learn-$L2L_VERSION"
-    [[ -d "$SOURCE/learn2learn/data" ]] || fail "unexpected archive layout in $ARCHIVE"
-    PYX_COUNT=0
-    while IFS= read -r -d '' pyx; do
-        step "cythonizing ${pyx#"$SOURCE"/}"
-        quietly "cythonizing $pyx" "$VENV/bin/cython" -3 "$pyx" -o "${pyx%.pyx}.c"
-        PYX_COUNT=$((PYX_COUNT + 1))
-    done < <(find "$SOURCE/learn2learn/data" -name '*.pyx' -print0)
-    [[ $PYX_COUNT -gt 0 ]] || fail "no .pyx files under $SOURCE/learn2learn/data"
+    step "learn2learn $L2L_VERSION source into $BUILD_DIR, .pyx re-cythonized"
+    SOURCE="$(l2l_source "$PY" "$VENV/bin/cython" "$L2L_VERSION" "$BUILD_DIR" 2>>"$LOG")" \
+        || { tail -n 25 "$LOG" >&2; fail "preparing learn2learn's source failed"; }
     step "building and installing learn2learn $L2L_VERSION (C extensions: about a minute)"
     # From outside the source folder, so the source tree does not shadow the installed package.
     (cd "$BUILD_DIR" && quietly "building learn2learn" "${PIP[@]}" --no-deps \

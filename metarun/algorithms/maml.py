@@ -241,7 +241,7 @@ class MAML(MetaAlgorithm):
         exactly their sum, so the trainer still calls ``backward`` and the optimizer as for
         every algorithm. The surrogate also carries the gradient of inputs computed by a shared
         module (ANIL's body features), so that module is differentiated once for the whole
-        batch, not once per task. On the CPU, ranges of tasks run on parallel threads (see
+        batch, not once per task. On the CPU, tasks run on parallel threads, one at a time each (see
         ``task_drivers``); the sums are taken in task order either way.
         """
         tasks = query_y.shape[0]

@@ -41,16 +41,17 @@ def plain_batch_norm(
     this function does not do (see ``batch_norm_in_plain_ops``).
     """
     del momentum
-    dims = [0, *range(2, inputs.dim())]
+    shape = [1, -1] + [1] * (inputs.dim() - 2)
     if training or running_mean is None or running_var is None:
+        dims = [0, *range(2, inputs.dim())]
         var, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
     else:
-        shape = [1, -1] + [1] * (inputs.dim() - 2)
         mean, var = running_mean.view(shape), running_var.view(shape)
-    outputs = (inputs - mean) * torch.rsqrt(var + eps)
-    shape = [1, -1] + [1] * (inputs.dim() - 2)
+    # The affine weight joins the per-channel scale, so the activations are multiplied once.
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        outputs = outputs * weight.view(shape)
+        scale = scale * weight.view(shape)
+    outputs = (inputs - mean) * scale
     if bias is not None:
         outputs = outputs + bias.view(shape)
     return outputs
