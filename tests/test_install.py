@@ -24,6 +24,7 @@ def test_non_editable_install_runs_from_another_folder(tmp_path):
     )
     assert (target / "metarun" / "configs" / "config.yaml").is_file()
     assert (target / "metarun" / "configs" / "algo" / "maml.yaml").is_file()
+    assert (target / "metarun" / "kernels" / "cpu_kernels.c").is_file()  # built on first use
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}

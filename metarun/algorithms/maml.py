@@ -130,13 +130,16 @@ class MAML(MetaAlgorithm):
     def forward_with(self, params: Params, inputs: Tensor) -> Tensor:
         """The inner module's outputs with ``params`` in place of its own parameters.
 
-        In a task-parallel worker thread the worker's own copy of the module runs instead (with
-        the original's buffers), since ``functional_call`` swaps the parameters of the module it
-        is given.
+        Outside ``vmap`` a copy of the module runs, with the original's buffers: each
+        task-parallel worker thread has its own, since ``functional_call`` swaps the parameters
+        of the module it is given, and every copy is rewritten to compute the same function
+        faster (``metarun.models.execution``: ReLU after max-pool, fused CPU batch-norm).
         """
         module = task_drivers.worker_module()
         if module is None:
-            return functional_call(self.inner_module, params, (inputs,))
+            if self.uses_vmap:
+                return functional_call(self.inner_module, params, (inputs,))
+            module = self._worker_modules.for_module(self.inner_module, 1)[0]
         return functional_call(
             module, {**dict(self.inner_module.named_buffers()), **params}, (inputs,)
         )
@@ -274,11 +277,7 @@ class MAML(MetaAlgorithm):
             return param_grads, leaf_grads, task_results
 
         workers = task_drivers.cpu_workers(tasks, query_y.device)
-        modules = (
-            self._worker_modules.for_module(self.inner_module, workers)
-            if workers > 1
-            else [self.inner_module]
-        )
+        modules = self._worker_modules.for_module(self.inner_module, workers)
         parts = task_drivers.run_tasks(task_range, tasks, modules)
         param_grads: list[Tensor | None] = [None] * len(meta_params)
         for part_grads, _, _ in parts:
