@@ -1,7 +1,7 @@
 """metarun's fused CPU kernels (``cpu_kernels.c``): built with the machine's C compiler on first
 use, cached, and called through ``ctypes``.
 
-The C file includes no torch headers, so it compiles in about a second; the shared library is
+The C files include no torch headers, so it compiles in about a second; the shared library is
 cached under ``$METARUN_CACHE`` (default ``~/.cache/metarun``) in a file named by a hash of the
 source, the compiler flags and the CPU capability torch reports, so a machine with another
 instruction set or a changed source builds its own. ``ctypes`` releases the GIL during a call,
@@ -29,7 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-VERSION = 1  # metarun_kernels_version() in the C file
+SOURCES = (SOURCE, SOURCE.with_name("cpu_kernels_body.h"))  # what the build reads
+VERSION = 2  # metarun_kernels_version() in the C file
 
 # Instruction sets by the capability torch reports (torch.backends.cpu.get_cpu_capability()):
 # the library never uses more than torch itself does on this machine.
@@ -37,7 +38,8 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
+# -fopenmp-simd: the `omp simd` loops vectorise their sums (no OpenMP threads, no runtime).
+_BASE_FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-fno-math-errno"]
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -69,7 +71,8 @@ def _flags() -> list[str]:
 def library_path(compiler: str) -> Path:
     flags = _flags()
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join([compiler, *flags, torch.backends.cpu.get_cpu_capability()]).encode())
     return cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
