@@ -80,7 +80,7 @@ except ModuleNotFoundError as error:
 
 from metarun.data.episodes import TaskBatch
 from metarun.data.omniglot import Omniglot
-from metarun.models import layout
+from metarun.models import execution, layout
 
 REPO = Path(__file__).resolve().parent.parent
 # Training iterations with the data included, at the MAML shapes (second order, 1 step).
@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-channels-last", action="store_true",
                         help="metarun keeps NCHW everywhere (to measure what its CPU channels-last "
                              "layout gives; see metarun/models/layout.py)")
+    parser.add_argument("--no-relu-swap", action="store_true",
+                        help="metarun runs ReLU before max-pool, as written (to measure what "
+                             "running it after gives; see metarun/models/execution.py)")
+    parser.add_argument("--no-fused-kernels", action="store_true",
+                        help="metarun runs PyTorch's batch-norm and max-pool kernels everywhere "
+                             "(to measure what its fused CPU kernels give; metarun/kernels/)")
     parser.add_argument("--task-batching", choices=("auto", "loop", "vmap"), default="auto",
                         help="metarun MAML's driver over the tasks (algo.task_batching; default: "
                              "what metarun picks for the device)")
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.no_channels_last:
         layout.FAST_DTYPES = ()
+    execution.SWAP_RELU_AND_POOL = not args.no_relu_swap
+    execution.FUSED_KERNELS = not args.no_fused_kernels
     bench_steps.TASK_BATCHING = args.task_batching
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

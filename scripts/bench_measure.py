@@ -18,10 +18,12 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -156,6 +158,27 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _git_commit() -> str | None:
+    """The commit metarun was measured at, with "+changes" when the tree was not clean."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty.strip() else "")
+
+
+def _fused_kernels() -> str | None:
+    """The path of metarun's fused CPU kernels as loaded, or None where PyTorch's run."""
+    from metarun import kernels
+
+    library = kernels.library()
+    return None if library is None else library._name
+
+
 def machine_info(device: torch.device) -> dict[str, object]:
     """What a reader needs to judge a number: CPU, cores, load, library versions, threads."""
     info: dict[str, object] = {
@@ -172,6 +195,9 @@ def machine_info(device: torch.device) -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "device": str(device),
+        "metarun_commit": _git_commit(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fused_kernels": _fused_kernels(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from metarun.models import execution
 from metarun.models.conv4 import Conv4
 from metarun.models.execution import (
     FusedBatchNorm2d,
@@ -94,3 +95,13 @@ def test_copy_follows_the_original_train_and_eval_flags() -> None:
     model[1].eval()
     follow_modes(model, clone)
     assert clone.training and not clone[1].training
+
+
+def test_each_rewrite_can_be_switched_off_for_the_benchmark(monkeypatch) -> None:
+    model = Conv4((1, 28, 28), 5)
+    monkeypatch.setattr(execution, "SWAP_RELU_AND_POOL", False)
+    block = execution_copy(model).features[0]
+    assert [type(m) for m in block] == [nn.Conv2d, FusedBatchNorm2d, nn.ReLU, FusedMaxPool2d]
+    monkeypatch.setattr(execution, "FUSED_KERNELS", False)
+    block = execution_copy(model).features[0]
+    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]

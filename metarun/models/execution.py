@@ -28,6 +28,11 @@ from torch import Tensor, nn
 
 from metarun.kernels import ops
 
+#: Which rewrites ``execution_copy`` makes (both are exact; the switches let the benchmark
+#: measure what each gives: scripts/bench.py --no-relu-swap, --no-fused-kernels).
+SWAP_RELU_AND_POOL = True
+FUSED_KERNELS = True
+
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d(track_running_stats=False)`` on the fused CPU kernels where they apply."""
@@ -81,9 +86,9 @@ def execution_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` rewritten as above; its parameters are never used."""
     clone = copy.deepcopy(module)
     for sub in clone.modules():
-        if isinstance(sub, nn.Sequential):
+        if SWAP_RELU_AND_POOL and isinstance(sub, nn.Sequential):
             _swap_relu_and_pool(sub)
-    for sub in clone.modules():
+    for sub in clone.modules() if FUSED_KERNELS else ():
         if type(sub) is nn.BatchNorm2d and not sub.track_running_stats:
             sub.__class__ = FusedBatchNorm2d
         elif _is_plain_pool2(sub):
