@@ -289,3 +289,28 @@ def test_the_cli_refuses_relationnet_on_an_mlp(tmp_path, make_fake_omniglot) -> 
     assert "metarun: error: algo=relationnet needs a convolutional backbone (conv4) but got MLP; "\
         "use backbone=conv4" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("algo", ["protonet", "matchingnet"])
+def test_embeddings_run_on_the_executed_copy_with_the_same_gradients(algo, monkeypatch) -> None:
+    # The body runs as metarun.models.execution rewrites it (ReLU after max-pool); the loss and
+    # the meta-gradient must be those of the body as written, ties in the pools included.
+    torch.manual_seed(3)
+    learner = ALGORITHMS[algo](Conv4(IMAGE, WAYS).double(), "classification")
+    batch = make_batch(IMAGE, seed=4)
+    batch = TaskBatch(*((t > 0.5).double() if t.is_floating_point() else t for t in (
+        batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+
+    def loss_and_grads():
+        learner.zero_grad()
+        loss, _ = learner.meta_train_step(batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in learner.parameters() if p.grad is not None]
+
+    executed_loss, executed_grads = loss_and_grads()
+    assert learner._executed._copies, "the executed copy was not used"
+    monkeypatch.setattr(type(learner), "run_body", lambda self, x: self.body(x))
+    plain_loss, plain_grads = loss_and_grads()
+    assert executed_loss == pytest.approx(plain_loss, rel=1e-12)
+    for got, want in zip(executed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

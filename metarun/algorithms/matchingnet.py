@@ -125,7 +125,7 @@ class MatchingNet(MetricLearner):
         self.fold = can_fold_tasks(self.body)
 
     def embed(self, x: Tensor) -> Tensor:
-        return self.body(x).flatten(1)
+        return self.run_body(x).flatten(1)
 
     def attention(self, batch: TaskBatch) -> Tensor:
         """``[B, N*Q, N*K]``: each query's softmax over cosines to the support examples."""

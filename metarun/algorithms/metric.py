@@ -31,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metarun.algorithms.base import CLASSIFICATION, TASK_TYPES, MetaAlgorithm, task_scores
+from metarun.algorithms.task_drivers import WorkerModules
 from metarun.checks import optional_positive_int
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
@@ -131,6 +133,7 @@ class MetricLearner(MetaAlgorithm):
         super().__init__(task_type)
         feature_body(model, self.algo_name, self.accepts)
         self.model = model
+        self._executed = WorkerModules()
         self.train_ways = optional_positive_int(train_ways, "algo.train_ways")
         self.train_shots = optional_positive_int(train_shots, "algo.train_shots")
         self.train_queries = optional_positive_int(train_queries, "algo.train_queries")
@@ -141,6 +144,13 @@ class MetricLearner(MetaAlgorithm):
     def body(self) -> nn.Module:
         """The embedding: the backbone's body (kept under ``model`` only, so saved once)."""
         return self.model.features
+
+    def run_body(self, x: Tensor) -> Tensor:
+        """``self.body(x)``, computed by the body's executed copy with the body's own parameters
+        and buffers: the same outputs and gradients, faster (``metarun.models.execution``)."""
+        executed = self._executed.for_module(self.body, 1)[0]
+        state = {**dict(self.body.named_buffers()), **dict(self.body.named_parameters())}
+        return functional_call(executed, state, (x,))
 
     def training_batches(
         self, dataset: Any, ways: int, shots: int, queries: int, meta_batch_size: int

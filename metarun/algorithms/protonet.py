@@ -68,7 +68,7 @@ class ProtoNet(MetricLearner):
 
     def embed(self, x: Tensor) -> Tensor:
         """The body's output, flattened to one vector per example."""
-        features = self.body(x)
+        features = self.run_body(x)
         return features.flatten(1)
 
     def query_outputs(self, batch: TaskBatch) -> Tensor:
