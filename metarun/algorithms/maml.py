@@ -182,10 +182,17 @@ class MAML(MetaAlgorithm):
         """
         if task_drivers.worker_module() is None:
             return grad(self._support_loss)(params, support_x, support_y)
+        # Parameters that carry no graph (evaluation, Reptile) are differentiated as fresh
+        # leaves, and a graph is kept only where there is one to extend, as torch.func.grad does.
+        keep_graph = not self.first_order and any(p.requires_grad for p in params.values())
         with torch.enable_grad():
-            loss = self._support_loss(params, support_x, support_y)
+            leaves = {
+                name: p if p.requires_grad else p.detach().requires_grad_()
+                for name, p in params.items()
+            }
+            loss = self._support_loss(leaves, support_x, support_y)
             grads = torch.autograd.grad(
-                loss, list(params.values()), create_graph=not self.first_order, allow_unused=True
+                loss, list(leaves.values()), create_graph=keep_graph, allow_unused=True
             )
         return {
             name: torch.zeros_like(p) if g is None else g
@@ -204,16 +211,27 @@ class MAML(MetaAlgorithm):
     def map_tasks(self, per_task: Callable[..., Any], shared: Any, *per_task_args: Tensor) -> Any:
         """``per_task(shared, *args[i])`` for every task ``i``, stacked along a new dim 0.
 
-        The one place the driver is chosen: ``vmap`` over the tasks, or a loop. ``per_task`` may
-        return a tensor or a (nested) tuple/dict of tensors.
+        The one place the driver is chosen: ``vmap`` over the tasks, or a loop, on the CPU's
+        task threads as in meta-training (evaluation and Reptile come here). Under a caller's
+        ``inference_mode`` the loop stays in this thread: inference tensors cannot enter the
+        autograd graph the threads' inner loop builds, while ``torch.func.grad`` takes them.
+        ``per_task`` may return a tensor or a (nested) tuple/dict of tensors.
         """
         if self.uses_vmap:
             in_dims = (None, *(0 for _ in per_task_args))
             with task_drivers.vmap_context(self.first_order):
                 return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
         tasks = per_task_args[0].shape[0]
-        results = [per_task(shared, *(arg[i] for arg in per_task_args)) for i in range(tasks)]
-        return stack_results(results)
+
+        def work(indices: range) -> list[Any]:
+            return [per_task(shared, *(arg[i] for arg in per_task_args)) for i in indices]
+
+        if torch.is_inference_mode_enabled():
+            return stack_results(work(range(tasks)))
+        workers = task_drivers.cpu_workers(tasks, per_task_args[0].device)
+        modules = self._worker_modules.for_module(self.inner_module, workers)
+        parts = task_drivers.run_tasks(work, tasks, modules)
+        return stack_results([result for part in parts for result in part])
 
     def adapted_query_outputs(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         """Query outputs ``[B, M, ...]`` after adapting ``params`` on each task's support."""
@@ -308,8 +326,9 @@ class MAML(MetaAlgorithm):
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         # Detached params: the meta-parameters get no gradient and no graph is kept. The inner
-        # gradients come from torch.func.grad, which ignores a caller's no_grad or inference_mode
-        # (a caller may evaluate under one), so adaptation still happens there.
+        # gradients come from torch.autograd.grad under enable_grad on the task threads, or from
+        # torch.func.grad under a caller's inference_mode: both ignore a caller's no_grad (a
+        # caller may evaluate under one), so adaptation still happens there.
         params = {name: p.detach() for name, p in self.inner_module.named_parameters()}
         with torch.no_grad():
             inputs = self.task_inputs(batch)
