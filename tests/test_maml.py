@@ -381,3 +381,38 @@ def test_short_meta_training_lowers_post_adaptation_error() -> None:
     best_without_adaptation = held_out.query_y.pow(2).mean().item()
     assert after < 0.5 * before
     assert after < 0.35 * best_without_adaptation
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv_evaluation_on_the_task_threads_equals_the_calling_thread_loop(
+    first_order: bool, monkeypatch
+) -> None:
+    # Under no_grad the tasks run on the CPU task threads (autograd inner loop); under
+    # inference_mode in the calling thread (torch.func.grad). Same numbers, float64.
+    from metarun.algorithms import task_drivers
+
+    torch.manual_seed(0)
+    maml = MAML(Conv4((1, 16, 16), WAYS).double(), "classification", 0.4, 1, test_inner_steps=3,
+                first_order=first_order)
+    batch = make_batch("classification", (1, 16, 16), seed=9, tasks=5)
+    workers = []
+    original = task_drivers.run_tasks
+
+    def spy(work, tasks, modules):
+        workers.append(len(modules))
+        return original(work, tasks, modules)
+
+    monkeypatch.setattr(task_drivers, "run_tasks", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            threaded = maml.evaluate(batch)
+        with torch.inference_mode():
+            in_place = maml.evaluate(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == [2]  # the no_grad call ran on two threads, the inference_mode one in place
+    for key in threaded:
+        torch.testing.assert_close(threaded[key], in_place[key], rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in maml.parameters())
