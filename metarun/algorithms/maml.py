@@ -41,6 +41,7 @@ from metarun.algorithms.task_drivers import prefers_loop, stack_results, vmap_is
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
+from metarun.models.execution import run_copy
 from metarun.models.layout import cpu_fast_layout
 
 Params = dict[str, Tensor]
@@ -140,9 +141,7 @@ class MAML(MetaAlgorithm):
             if self.uses_vmap:
                 return functional_call(self.inner_module, params, (inputs,))
             module = self._worker_modules.for_module(self.inner_module, 1)[0]
-        return functional_call(
-            module, {**dict(self.inner_module.named_buffers()), **params}, (inputs,)
-        )
+        return run_copy(module, self.inner_module, params, inputs)
 
     def _support_loss(self, params: Params, support_x: Tensor, support_y: Tensor) -> Tensor:
         outputs = self.forward_with(params, support_x)

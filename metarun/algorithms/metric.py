@@ -31,13 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metarun.algorithms.base import CLASSIFICATION, TASK_TYPES, MetaAlgorithm, task_scores
 from metarun.algorithms.task_drivers import WorkerModules
 from metarun.checks import optional_positive_int
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
+from metarun.models.execution import run_copy
 from metarun.models.layout import cpu_fast_layout
 
 Embed = Callable[[Tensor], Tensor]
@@ -149,8 +149,7 @@ class MetricLearner(MetaAlgorithm):
         """``self.body(x)``, computed by the body's executed copy with the body's own parameters
         and buffers: the same outputs and gradients, faster (``metarun.models.execution``)."""
         executed = self._executed.for_module(self.body, 1)[0]
-        state = {**dict(self.body.named_buffers()), **dict(self.body.named_parameters())}
-        return functional_call(executed, state, (x,))
+        return run_copy(executed, self.body, dict(self.body.named_parameters()), x)
 
     def training_batches(
         self, dataset: Any, ways: int, shots: int, queries: int, meta_batch_size: int

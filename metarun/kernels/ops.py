@@ -130,7 +130,7 @@ class _BatchNormBackward(torch.autograd.Function):
         _call("bn_double_backward", x.dtype, _ptr(gg_x), _ptr(gg_w), _ptr(gg_b),
               grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
               g_grad_y.data_ptr(), g_x.data_ptr(), g_w.data_ptr(), n, c, x[0, 0].numel())
-        return g_grad_y, g_x, None if weight is None else g_w.to(weight.dtype), None, None
+        return g_grad_y, g_x, None if weight is None else g_w, None, None
 
 
 class _MaxPool2x2(torch.autograd.Function):

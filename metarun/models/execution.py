@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metarun.kernels import ops
 
@@ -94,6 +95,12 @@ def execution_copy(module: nn.Module) -> nn.Module:
         elif _is_plain_pool2(sub):
             sub.__class__ = FusedMaxPool2d
     return clone
+
+
+def run_copy(clone: nn.Module, source: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``clone`` on ``x`` with ``source``'s buffers and the given parameters (``source``'s own, or
+    a task's adapted ones): the copy's own tensors are never read."""
+    return functional_call(clone, {**dict(source.named_buffers()), **params}, (x,))
 
 
 def follow_modes(source: nn.Module, clone: nn.Module) -> None:
