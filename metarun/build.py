@@ -24,6 +24,7 @@ from metarun.config import validate
 from metarun.data.episodes import EpisodeSampler
 from metarun.errors import CheckpointError, ConfigError, MetarunError
 from metarun.logging import flat_hparams
+from metarun.resume import resumed_config, saved_choices
 from metarun.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger("metarun")
@@ -109,8 +110,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
                 "pass the run folder that metarun printed when the run started"
             )
         resume_state = _load_resume_state(last)
-        cfg = resumed_config(resume_state["config"], cfg)
-        run_info = dict(resume_state.get("run_info", run_info))
+        saved_run_info = resume_state.get("run_info", run_info)
+        cfg = resumed_config(
+            resume_state["config"], cfg, saved_choices(Path(cfg.resume), saved_run_info)
+        )
+        run_info = dict(saved_run_info)
     parts = build(cfg)
     settings = TrainerSettings(
         max_iters=cfg.trainer.max_iters,
@@ -165,29 +169,6 @@ def _load_resume_state(last: Path) -> dict[str, Any]:
             state["iteration"],
         )
         return state
-
-
-def resumed_config(saved_yaml: str, current: DictConfig) -> DictConfig:
-    """The saved run's config, with only ``trainer.*`` (and ``threads``) overrides applied.
-
-    Anything else (data, model, algorithm, seed) shapes the saved state, so changing it on resume
-    would silently continue a different experiment; the thread count changes only the speed.
-    """
-    saved = OmegaConf.create(saved_yaml)
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    extra = [o for o in overrides if not o.startswith("resume=")]
-    for override in extra:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if not (key.startswith("trainer.") or key == "threads"):
-            raise ConfigError(
-                f"cannot change {key} when resuming: a resumed run continues its saved config; "
-                "only trainer.* keys (e.g. trainer.max_iters) and threads may be overridden"
-            )
-        OmegaConf.update(saved, key, OmegaConf.select(current, key), merge=True)
-    saved.resume = current.resume
-    return saved
 
 
 def resolve_device(name: str) -> torch.device:

@@ -48,7 +48,12 @@ def test_resume_refuses_to_change_the_experiment(tmp_path):
 
     check_ok(run_metarun(*SINUSOID_TINY, "trainer.max_iters=2", "hydra.run.dir=run", cwd=tmp_path))
     proc = run_metarun(f"resume={tmp_path / 'run'}", "algo.inner_lr=0.5", cwd=tmp_path)
-    assert_refused(proc, "cannot change algo.inner_lr when resuming")
+    assert_refused(
+        proc,
+        "cannot change algo.inner_lr when resuming",
+        "saved with algo.inner_lr=0.01",
+        "gives algo.inner_lr=0.5",
+    )
 
 
 @pytest.mark.parametrize(
