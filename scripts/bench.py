@@ -80,7 +80,8 @@ except ModuleNotFoundError as error:
 
 from metarun.data.episodes import TaskBatch
 from metarun.data.omniglot import Omniglot
-from metarun.models import execution, layout
+from metarun.execution import executed as execution
+from metarun.execution import layout
 
 REPO = Path(__file__).resolve().parent.parent
 # Training iterations with the data included, at the MAML shapes (second order, 1 step).
@@ -112,13 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     parser.add_argument("--no-channels-last", action="store_true",
                         help="metarun keeps NCHW everywhere (to measure what its CPU channels-last "
-                             "layout gives; see metarun/models/layout.py)")
+                             "layout gives; see metarun/execution/layout.py)")
     parser.add_argument("--no-relu-swap", action="store_true",
                         help="metarun runs ReLU before max-pool, as written (to measure what "
-                             "running it after gives; see metarun/models/execution.py)")
+                             "running it after gives; see metarun/execution/executed.py)")
     parser.add_argument("--no-fused-kernels", action="store_true",
                         help="metarun runs PyTorch's batch-norm and max-pool kernels everywhere "
-                             "(to measure what its fused CPU kernels give; metarun/kernels/)")
+                             "(to measure what its fused CPU kernels give; "
+                             "metarun/execution/kernels/)")
     parser.add_argument("--task-batching", choices=("auto", "loop", "vmap"), default="auto",
                         help="metarun MAML's driver over the tasks (algo.task_batching; default: "
                              "what metarun picks for the device)")

@@ -173,7 +173,7 @@ def _git_commit() -> str | None:
 
 def _fused_kernels() -> str | None:
     """The path of metarun's fused CPU kernels as loaded, or None where PyTorch's run."""
-    from metarun import kernels
+    from metarun.execution import kernels
 
     library = kernels.library()
     return None if library is None else library._name

@@ -37,7 +37,7 @@ from torch import Tensor
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.protonet import ProtoNet
 from metarun.data.episodes import TaskBatch
-from metarun.models import layout
+from metarun.execution import layout
 from metarun.models.conv4 import Conv4
 
 INNER_LR = 0.4  # MAML's Omniglot inner step size (configs/specialize/maml_omniglot.yaml)

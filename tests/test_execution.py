@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metarun.models import execution
-from metarun.models.conv4 import Conv4
-from metarun.models.execution import (
+from metarun.execution import executed as execution
+from metarun.execution.executed import (
     FusedBatchNorm2d,
     FusedMaxPool2d,
     execution_copy,
     follow_modes,
 )
+from metarun.models.conv4 import Conv4
 
 
 def test_relu_moves_after_max_pool_and_the_norms_and_pools_are_fused() -> None:

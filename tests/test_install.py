@@ -25,7 +25,7 @@ def test_non_editable_install_runs_from_another_folder(tmp_path):
     assert (target / "metarun" / "configs" / "config.yaml").is_file()
     assert (target / "metarun" / "configs" / "algo" / "maml.yaml").is_file()
     for source in ("cpu_kernels.c", "cpu_kernels_body.h"):  # built on first use
-        assert (target / "metarun" / "kernels" / source).is_file()
+        assert (target / "metarun" / "execution" / "kernels" / source).is_file()
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}

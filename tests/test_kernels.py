@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarun import kernels
-from metarun.kernels import ops
+from metarun.execution import kernels
+from metarun.execution.kernels import ops
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from metarun.algorithms.maml import MAML
 from metarun.algorithms.protonet import ProtoNet
 from metarun.algorithms.reptile import Reptile
 from metarun.data.episodes import TaskBatch
-from metarun.models import layout
+from metarun.execution import layout
 from metarun.models.conv4 import Conv4
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 4, 3

@@ -132,7 +132,8 @@ def meta_loss_central_difference(
 @pytest.mark.parametrize("task_type", ["regression", "classification"])
 @pytest.mark.parametrize(
     ("backbone", "driver"),
-    # Second order through batch-norm under vmap runs it in plain ops (metarun.models.plain_norm).
+    # Second order through batch-norm under vmap runs it in plain ops
+    # (metarun.execution.plain_norm).
     [
         ("mlp", "vmap"),
         ("mlp", "loop"),
@@ -284,7 +285,7 @@ def test_batch_norm_statistics_do_not_leak_between_tasks(driver: str) -> None:
     for name, value in maml.evaluate(mixed).items():
         torch.testing.assert_close(value[0], together[name][0], rtol=0, atol=1e-12)
     maml.train()
-    params = dict(model.named_parameters())
+    params = maml.meta_parameters()
     outputs = maml.adapted_query_outputs(params, batch, steps=2)
     mixed_outputs = maml.adapted_query_outputs(params, mixed, steps=2)
     torch.testing.assert_close(mixed_outputs[0], outputs[0], rtol=0, atol=1e-12)
@@ -384,35 +385,37 @@ def test_short_meta_training_lowers_post_adaptation_error() -> None:
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_conv_evaluation_on_the_task_threads_equals_the_calling_thread_loop(
-    first_order: bool, monkeypatch
-) -> None:
-    # Under no_grad the tasks run on the CPU task threads (autograd inner loop); under
-    # inference_mode in the calling thread (torch.func.grad). Same numbers, float64.
-    from metarun.algorithms import task_drivers
+def test_conv_evaluation_on_the_task_threads_equals_vmap(first_order: bool, monkeypatch) -> None:
+    # Under no_grad and under inference_mode the tasks run on the CPU task threads (autograd
+    # inner loop); vmap (torch.func.grad, plain-ops batch-norm) is the reference. Float64.
+    from metarun.execution import drivers
 
     torch.manual_seed(0)
     maml = MAML(Conv4((1, 16, 16), WAYS).double(), "classification", 0.4, 1, test_inner_steps=3,
                 first_order=first_order)
     batch = make_batch("classification", (1, 16, 16), seed=9, tasks=5)
     workers = []
-    original = task_drivers.run_tasks
+    original = drivers.run_tasks
 
     def spy(work, tasks, modules):
         workers.append(len(modules))
         return original(work, tasks, modules)
 
-    monkeypatch.setattr(task_drivers, "run_tasks", spy)
+    monkeypatch.setattr(drivers, "run_tasks", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.no_grad():
             threaded = maml.evaluate(batch)
         with torch.inference_mode():
-            in_place = maml.evaluate(batch)
+            inference = maml.evaluate(batch)
     finally:
         torch.set_num_threads(threads)
-    assert workers == [2]  # the no_grad call ran on two threads, the inference_mode one in place
+    maml.task_batching = "vmap"
+    with torch.no_grad():
+        reference = maml.evaluate(batch)
+    assert workers == [2, 2]  # both calls ran on two threads
     for key in threaded:
-        torch.testing.assert_close(threaded[key], in_place[key], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(threaded[key], reference[key], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(inference[key], reference[key], rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for p in maml.parameters())

@@ -293,7 +293,7 @@ def test_the_cli_refuses_relationnet_on_an_mlp(tmp_path, make_fake_omniglot) -> 
 
 @pytest.mark.parametrize("algo", ["protonet", "matchingnet"])
 def test_embeddings_run_on_the_executed_copy_with_the_same_gradients(algo, monkeypatch) -> None:
-    # The body runs as metarun.models.execution rewrites it (ReLU after max-pool); the loss and
+    # The body runs as metarun.execution.executed rewrites it (ReLU after max-pool); the loss and
     # the meta-gradient must be those of the body as written, ties in the pools included.
     torch.manual_seed(3)
     learner = ALGORITHMS[algo](Conv4(IMAGE, WAYS).double(), "classification")

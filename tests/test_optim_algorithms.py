@@ -322,9 +322,9 @@ def test_anil_meta_gradient_matches_reference(
     adapted_names: set[str] = set()
     inner_update = anil.inner_update
 
-    def recording_update(params, grads, state):
+    def recording_update(meta, params, grads, state):
         adapted_names.update(params)
-        return inner_update(params, grads, state)
+        return inner_update(meta, params, grads, state)
 
     anil.inner_update = recording_update  # type: ignore[method-assign]
     loss, grads = meta_gradient(anil, batch)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import metarun.models.plain_norm as plain_norm
-from metarun.models.plain_norm import batch_norm_in_plain_ops, plain_batch_norm
+import metarun.execution.plain_norm as plain_norm
+from metarun.execution.plain_norm import batch_norm_in_plain_ops, plain_batch_norm
 
 
 def test_batch_statistics_match_the_fused_kernel() -> None:

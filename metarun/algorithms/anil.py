@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metarun.algorithms.maml import MAML
-from metarun.algorithms.task_drivers import prefers_loop
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
-from metarun.models.layout import cpu_fast_layout
+from metarun.execution.drivers import prefers_loop
+from metarun.execution.layout import cpu_fast_layout
 
 
 def check_body_and_head(model: object) -> None:

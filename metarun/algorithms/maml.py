@@ -15,7 +15,7 @@ given (transductive, per task, as in the MAML reference code). Nothing is shared
 either driver: under ``vmap`` the statistics are per task because each task is its own batch.
 PyTorch's fused batch-norm (and layer-norm) gets second-order gradients wrong under ``vmap``
 (pytorch/functorch#534), so second-order ``vmap`` runs batch-norm in plain ops
-(``metarun.models.plain_norm``), which is exact; asking for ``vmap`` with second order through
+(``metarun.execution.plain_norm``), which is exact; asking for ``vmap`` with second order through
 layer- or instance-norm, or a batch-norm that keeps running statistics, is a ``ConfigError``.
 
 Usage::
@@ -28,21 +28,22 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms import task_drivers
 from metarun.algorithms.base import TASK_TYPES, MetaAlgorithm, task_loss, task_scores
-from metarun.algorithms.task_drivers import prefers_loop, stack_results, vmap_is_exact
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
-from metarun.models.execution import run_copy
-from metarun.models.layout import cpu_fast_layout
+from metarun.execution import drivers
+from metarun.execution.drivers import prefers_loop, stack_results, vmap_is_exact
+from metarun.execution.executed import run_copy
+from metarun.execution.layout import cpu_fast_layout
+from metarun.execution.task_gradients import meta_gradient_surrogate
 
 Params = dict[str, Tensor]
 TASK_BATCHING = ("auto", "vmap", "loop")
@@ -96,7 +97,7 @@ class MAML(MetaAlgorithm):
                 "algo.first_order=true"
             )
         self.task_batching = task_batching
-        self._worker_modules = task_drivers.WorkerModules()
+        self._worker_modules = drivers.WorkerModules()
 
     @property
     def inner_module(self) -> nn.Module:
@@ -122,9 +123,9 @@ class MAML(MetaAlgorithm):
         of first-order or evaluation adaptation. A support pass that second-order MAML
         differentiates twice stays NCHW, where PyTorch's double-backward kernels of batch-norm
         and max-pool are faster (measured: conv4 5-way 5-shot, 2 threads, 5.5 s per meta-step
-        all channels-last against 4.8 s all NCHW). See ``metarun.models.layout``.
+        all channels-last against 4.8 s all NCHW). See ``metarun.execution.layout``.
         """
-        if self.uses_vmap or not task_drivers.contains(self.inner_module, (nn.Conv2d,)):
+        if self.uses_vmap or not drivers.contains(self.inner_module, (nn.Conv2d,)):
             return inputs
         return cpu_fast_layout(inputs)
 
@@ -134,9 +135,9 @@ class MAML(MetaAlgorithm):
         Outside ``vmap`` a copy of the module runs, with the original's buffers: each
         task-parallel worker thread has its own, since ``functional_call`` swaps the parameters
         of the module it is given, and every copy is rewritten to compute the same function
-        faster (``metarun.models.execution``: ReLU after max-pool, fused CPU batch-norm).
+        faster (``metarun.execution.executed``: ReLU after max-pool, fused CPU batch-norm).
         """
-        module = task_drivers.worker_module()
+        module = drivers.worker_module()
         if module is None:
             if self.uses_vmap:
                 return functional_call(self.inner_module, params, (inputs,))
@@ -147,39 +148,63 @@ class MAML(MetaAlgorithm):
         outputs = self.forward_with(params, support_x)
         return task_loss(outputs, support_y, self.task_type)
 
-    def inner_update(self, params: Params, grads: Params, state: dict[str, Any]) -> Params:
+    def meta_parameters(self) -> Params:
+        """Every meta-parameter by name (``named_parameters``): what the per-task functions read.
+
+        They read the meta-parameters only from the ``meta`` they are given, never from the
+        module: the task-by-task driver hands each task leaves of its own
+        (``metarun.execution.task_gradients``), evaluation and Reptile detached tensors.
+        """
+        return dict(self.named_parameters())
+
+    def inner_params(self, meta: Params) -> Params:
+        """The inner module's entries of ``meta``, keyed by the inner module's own names."""
+        prefix = next(
+            name for name, module in self.named_modules() if module is self.inner_module
+        )
+        prefix = f"{prefix}." if prefix else ""
+        return {name: meta[prefix + name] for name, _ in self.inner_module.named_parameters()}
+
+    def inner_update(
+        self, meta: Params, params: Params, grads: Params, state: dict[str, Any]
+    ) -> Params:
         """One inner step from the support gradients: plain SGD with ``inner_lr``.
 
-        The hook where the update rule differs (Meta-SGD's learned per-parameter rates,
-        Reptile's Adam); ``state`` starts empty for every task's adaptation, for rules that
-        carry something from one step to the next.
+        The hook where the update rule differs (Meta-SGD's learned per-parameter rates, read
+        from ``meta``; Reptile's Adam); ``state`` starts empty for every task's adaptation, for
+        rules that carry something from one step to the next.
         """
         return {name: p - self.inner_lr * grads[name] for name, p in params.items()}
 
-    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
-        """``steps`` SGD steps on one task's support set; differentiable unless first-order.
+    def adapt(
+        self, meta: Params, support_x: Tensor, support_y: Tensor, steps: int
+    ) -> Params:
+        """``steps`` SGD steps on one task's support set from the inner module's entries of
+        ``meta``; differentiable unless first-order.
 
         ``torch.func.grad`` composes with the outer autograd graph, so with second order the
-        returned parameters carry the full dependence on ``params`` through every step.
+        returned parameters carry the full dependence on ``meta`` through every step.
         """
         state: dict[str, Any] = {}
+        params = self.inner_params(meta)
         if self.first_order or not any(p.requires_grad for p in params.values()):
             support_x = self.fast_layout(support_x)
         for _ in range(steps):
             grads = self.support_grads(params, support_x, support_y)
             if self.first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
-            params = self.inner_update(params, grads, state)
+            params = self.inner_update(meta, params, grads, state)
         return params
 
     def support_grads(self, params: Params, support_x: Tensor, support_y: Tensor) -> Params:
-        """The support loss's gradient: ``torch.func.grad``, or autograd in a worker thread.
+        """The support loss's gradient: ``torch.func.grad`` under ``vmap``, autograd in the loop.
 
         ``torch.func``'s transforms are not thread-safe (two threads in ``grad`` at once fail),
-        so task-parallel workers take the same gradient with ``torch.autograd.grad``, keeping
-        the graph unless first-order. Both ignore a caller's ``no_grad``.
+        so the loop, on one thread or several, takes the same gradient with
+        ``torch.autograd.grad``, keeping the graph unless first-order. Both ignore a caller's
+        ``no_grad``.
         """
-        if task_drivers.worker_module() is None:
+        if self.uses_vmap:
             return grad(self._support_loss)(params, support_x, support_y)
         # Parameters that carry no graph (evaluation, Reptile) are differentiated as fresh
         # leaves, and a graph is kept only where there is one to extend, as torch.func.grad does.
@@ -200,9 +225,9 @@ class MAML(MetaAlgorithm):
 
     def _query_outputs(self, steps: int) -> Callable[..., Tensor]:
         def per_task(
-            params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor
+            meta: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor
         ) -> Tensor:
-            adapted = self.adapt(params, support_x, support_y, steps)
+            adapted = self.adapt(meta, support_x, support_y, steps)
             return self.forward_with(adapted, self.fast_layout(query_x))
 
         return per_task
@@ -210,15 +235,15 @@ class MAML(MetaAlgorithm):
     def map_tasks(self, per_task: Callable[..., Any], shared: Any, *per_task_args: Tensor) -> Any:
         """``per_task(shared, *args[i])`` for every task ``i``, stacked along a new dim 0.
 
-        The one place the driver is chosen: ``vmap`` over the tasks, or a loop, on the CPU's
+        The one place the driver is chosen: ``vmap`` over the tasks, or the loop, on the CPU's
         task threads as in meta-training (evaluation and Reptile come here). Under a caller's
-        ``inference_mode`` the loop stays in this thread: inference tensors cannot enter the
-        autograd graph the threads' inner loop builds, while ``torch.func.grad`` takes them.
-        ``per_task`` may return a tensor or a (nested) tuple/dict of tensors.
+        ``inference_mode`` the loop leaves it: its inner gradients are autograd's, and
+        inference tensors cannot enter an autograd graph, so such inputs come in as normal
+        copies. ``per_task`` may return a tensor or a (nested) tuple/dict of tensors.
         """
         if self.uses_vmap:
             in_dims = (None, *(0 for _ in per_task_args))
-            with task_drivers.vmap_context(self.first_order):
+            with drivers.vmap_context(self.first_order):
                 return vmap(per_task, in_dims=in_dims)(shared, *per_task_args)
         tasks = per_task_args[0].shape[0]
 
@@ -226,118 +251,75 @@ class MAML(MetaAlgorithm):
             return [per_task(shared, *(arg[i] for arg in per_task_args)) for i in indices]
 
         if torch.is_inference_mode_enabled():
-            return stack_results(work(range(tasks)))
-        workers = task_drivers.cpu_workers(tasks, per_task_args[0].device)
+            with torch.inference_mode(False), torch.no_grad():
+                return self.map_tasks(
+                    per_task, _normal_tensors(shared), *_normal_tensors(per_task_args)
+                )
+        workers = drivers.cpu_workers(tasks, per_task_args[0].device)
         modules = self._worker_modules.for_module(self.inner_module, workers)
-        parts = task_drivers.run_tasks(work, tasks, modules)
+        parts = drivers.run_tasks(work, tasks, modules)
         return stack_results([result for part in parts for result in part])
 
-    def adapted_query_outputs(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
-        """Query outputs ``[B, M, ...]`` after adapting ``params`` on each task's support."""
+    def adapted_query_outputs(self, meta: Params, batch: TaskBatch, steps: int) -> Tensor:
+        """Query outputs ``[B, M, ...]`` after adapting ``meta`` on each task's support."""
         per_task = self._query_outputs(steps)
-        return self.map_tasks(per_task, params, batch.support_x, batch.support_y, batch.query_x)
+        return self.map_tasks(per_task, meta, batch.support_x, batch.support_y, batch.query_x)
 
     def meta_train_step(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        params = dict(self.inner_module.named_parameters())
+        meta = self.meta_parameters()
         inputs = self.task_inputs(batch)
-        if not self.uses_vmap:
-            return self._meta_train_task_by_task(params, inputs, batch.query_y)
-        outputs = self.adapted_query_outputs(params, inputs, self.inner_steps)
-        scores = task_scores(outputs, batch.query_y, self.task_type)
-        loss = scores["loss"].mean()
+        if self.uses_vmap:
+            outputs = self.adapted_query_outputs(meta, inputs, self.inner_steps)
+            scores = task_scores(outputs, batch.query_y, self.task_type)
+            loss = scores["loss"].mean()
+        else:
+            loss, scores = self._meta_train_task_by_task(meta, inputs, batch.query_y)
         metrics = {name: value.detach().mean().item() for name, value in scores.items()}
         return loss, metrics
 
     def _meta_train_task_by_task(
-        self, params: Params, inputs: TaskBatch, query_y: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loop driver's meta-step: each task's meta-gradient is taken as soon as its query
-        loss exists, and its graph freed, instead of one backward through all tasks' graphs.
+        self, meta: Params, inputs: TaskBatch, query_y: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loop driver's meta-step: ``metarun.execution.task_gradients`` takes each task's
+        meta-gradient on the task threads, with leaves of its own, and sums them.
 
-        Holding every task's second-order graph until one backward used about 10x the memory of
-        a task-by-task backward (conv4, 20-way 1-shot, meta-batch 32: 7.8 GB against 0.8 GB) and
-        was about 2x slower on CPU (allocation and cache misses). The gradients are summed here
-        and returned through a surrogate whose value is the meta-loss and whose gradient is
-        exactly their sum, so the trainer still calls ``backward`` and the optimizer as for
-        every algorithm. The surrogate also carries the gradient of inputs computed by a shared
-        module (ANIL's body features), so that module is differentiated once for the whole
-        batch, not once per task. On the CPU, tasks run on parallel threads, one at a time each (see
-        ``task_drivers``); the sums are taken in task order either way.
+        Inputs computed by a shared module (ANIL's body features) enter as shared inputs, so
+        that module is differentiated once for the whole batch, not once per task.
         """
-        tasks = query_y.shape[0]
         per_task = self._query_outputs(self.inner_steps)
-        meta_params = [p for p in self.parameters() if p.requires_grad]
         shared = [x for x in (inputs.support_x, inputs.query_x) if x.requires_grad]
+        support_x, query_x = inputs.support_x.detach(), inputs.query_x.detach()
 
-        def task_range(indices: range) -> tuple[list[Tensor | None], list[Any], list[Any]]:
-            param_grads: list[Tensor | None] = [None] * len(meta_params)
-            leaf_grads, task_results = [], []
-            for i in indices:
-                support_x, query_x = inputs.support_x[i], inputs.query_x[i]
-                # A shared module's outputs enter each task as leaves: their gradient is
-                # collected here and sent through the module once, by the surrogate.
-                leaves = [x[i].detach().requires_grad_() for x in shared]
-                if inputs.support_x.requires_grad:
-                    support_x = leaves[0]
-                if inputs.query_x.requires_grad:
-                    query_x = leaves[-1]
-                # Like torch.func.grad in the inner loop, this works under a caller's no_grad.
-                with torch.enable_grad():
-                    outputs = per_task(params, support_x, inputs.support_y[i], query_x)
-                    scores = task_scores(outputs[None], query_y[i][None], self.task_type)
-                    grads = torch.autograd.grad(
-                        scores["loss"].sum() / tasks, [*meta_params, *leaves], allow_unused=True
-                    )
-                _add_grads(param_grads, grads[: len(meta_params)])
-                leaf_grads.append(grads[len(meta_params) :])
-                task_results.append({name: value.detach() for name, value in scores.items()})
-            return param_grads, leaf_grads, task_results
+        def one_task(leaves: Params, i: int, shared_leaves: list[Tensor]) -> dict[str, Tensor]:
+            task_support_x, task_query_x = support_x[i], query_x[i]
+            if inputs.support_x.requires_grad:
+                task_support_x = shared_leaves[0]
+            if inputs.query_x.requires_grad:
+                task_query_x = shared_leaves[-1]
+            outputs = per_task(leaves, task_support_x, inputs.support_y[i], task_query_x)
+            return task_scores(outputs[None], query_y[i][None], self.task_type)
 
-        workers = task_drivers.cpu_workers(tasks, query_y.device)
+        tasks = query_y.shape[0]
+        workers = drivers.cpu_workers(tasks, query_y.device)
         modules = self._worker_modules.for_module(self.inner_module, workers)
-        parts = task_drivers.run_tasks(task_range, tasks, modules)
-        param_grads: list[Tensor | None] = [None] * len(meta_params)
-        for part_grads, _, _ in parts:
-            _add_grads(param_grads, part_grads)
-        leaf_grads = [g for _, part_leaves, _ in parts for g in part_leaves]
-        shared_grads = [
-            torch.stack(
-                [torch.zeros_like(x[0]) if task[k] is None else task[k] for task in leaf_grads]
-            )
-            for k, x in enumerate(shared)
-        ]
-        task_scores_list = [s for _, _, part_scores in parts for s in part_scores]
-        scores = {
-            name: torch.cat([s[name] for s in task_scores_list]) for name in task_scores_list[0]
-        }
-        mean_loss = scores["loss"].mean()
-        surrogate = sum(
-            (p * g).sum() for p, g in zip(meta_params, param_grads, strict=True) if g is not None
-        )
-        surrogate = surrogate + sum(
-            (x * g).sum() for x, g in zip(shared, shared_grads, strict=True)
-        )
-        # Its value is the meta-loss (so the trainer's non-finite guard and any caller read the
-        # real number), its gradient the summed meta-gradient.
-        surrogate = surrogate - surrogate.detach() + mean_loss
-        metrics = {name: value.mean().item() for name, value in scores.items()}
-        return surrogate, metrics
+        return meta_gradient_surrogate(one_task, meta, tasks, shared, modules)
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         # Detached params: the meta-parameters get no gradient and no graph is kept. The inner
-        # gradients come from torch.autograd.grad under enable_grad on the task threads, or from
-        # torch.func.grad under a caller's inference_mode: both ignore a caller's no_grad (a
-        # caller may evaluate under one), so adaptation still happens there.
-        params = {name: p.detach() for name, p in self.inner_module.named_parameters()}
+        # gradients (torch.autograd.grad under enable_grad in the loop, torch.func.grad under
+        # vmap) ignore a caller's no_grad or inference_mode, so adaptation still happens there.
+        meta = {name: p.detach() for name, p in self.meta_parameters().items()}
         with torch.no_grad():
             inputs = self.task_inputs(batch)
-        outputs = self.adapted_query_outputs(params, inputs, self.test_inner_steps)
+        outputs = self.adapted_query_outputs(meta, inputs, self.test_inner_steps)
         scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
         return {name: value.detach() for name, value in scores.items()}
 
 
-def _add_grads(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
-    """``totals[k] += grads[k]`` in place of the list, where None means no gradient (yet)."""
-    for k, g in enumerate(grads):
-        if g is not None:
-            totals[k] = g if totals[k] is None else totals[k] + g
+def _normal_tensors(values: Any) -> Any:
+    """``values`` (a tensor, or a tuple/list/dict of them) with inference tensors cloned."""
+    if isinstance(values, Tensor):
+        return values.clone() if values.is_inference() else values
+    if isinstance(values, dict):
+        return {key: _normal_tensors(value) for key, value in values.items()}
+    return type(values)(_normal_tensors(value) for value in values)

@@ -70,9 +70,12 @@ class MetaSGD(MAML):
             }
         )
 
-    def inner_update(self, params: Params, grads: Params, state: dict[str, Any]) -> Params:
+    def inner_update(
+        self, meta: Params, params: Params, grads: Params, state: dict[str, Any]
+    ) -> Params:
         return {
-            name: p - self.inner_lrs[rate_key(name)] * grads[name] for name, p in params.items()
+            name: p - meta[f"inner_lrs.{rate_key(name)}"] * grads[name]
+            for name, p in params.items()
         }
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import CLASSIFICATION, TASK_TYPES, MetaAlgorithm, task_scores
-from metarun.algorithms.task_drivers import WorkerModules
 from metarun.checks import optional_positive_int
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
-from metarun.models.execution import run_copy
-from metarun.models.layout import cpu_fast_layout
+from metarun.execution.drivers import WorkerModules
+from metarun.execution.executed import run_copy
+from metarun.execution.layout import cpu_fast_layout
 
 Embed = Callable[[Tensor], Tensor]
 
@@ -147,7 +147,7 @@ class MetricLearner(MetaAlgorithm):
 
     def run_body(self, x: Tensor) -> Tensor:
         """``self.body(x)``, computed by the body's executed copy with the body's own parameters
-        and buffers: the same outputs and gradients, faster (``metarun.models.execution``)."""
+        and buffers: the same outputs and gradients, faster (``metarun.execution.executed``)."""
         executed = self._executed.for_module(self.body, 1)[0]
         return run_copy(executed, self.body, dict(self.body.named_parameters()), x)
 

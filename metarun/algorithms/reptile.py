@@ -102,9 +102,11 @@ class Reptile(MAML):
             raise ConfigError(f"algo.train_on_query must be true or false, got {train_on_query!r}")
         self.train_on_query = train_on_query
 
-    def inner_update(self, params: Params, grads: Params, state: dict[str, Any]) -> Params:
+    def inner_update(
+        self, meta: Params, params: Params, grads: Params, state: dict[str, Any]
+    ) -> Params:
         if self.inner_optimizer == "sgd":
-            return super().inner_update(params, grads, state)
+            return super().inner_update(meta, params, grads, state)
         # Adam as torch.optim.Adam computes it (bias-corrected moments, eps 1e-8); the paper's
         # code uses beta1 = 0. The moments live for one task's adaptation only.
         beta1, beta2 = self.inner_betas
@@ -131,16 +133,16 @@ class Reptile(MAML):
 
         The inner loop starts from detached parameters: Reptile never differentiates through it.
         """
-        start = {name: p.detach() for name, p in self.inner_module.named_parameters()}
+        start = {name: p.detach() for name, p in self.meta_parameters().items()}
         train_x, train_y = batch.support_x, batch.support_y
         if self.train_on_query:
             train_x = torch.cat([batch.support_x, batch.query_x], dim=1)
             train_y = torch.cat([batch.support_y, batch.query_y], dim=1)
 
         def per_task(
-            params: Params, train_x: Tensor, train_y: Tensor, query_x: Tensor
+            meta: Params, train_x: Tensor, train_y: Tensor, query_x: Tensor
         ) -> tuple[Params, Tensor]:
-            adapted = self.adapt(params, train_x, train_y, self.inner_steps)
+            adapted = self.adapt(meta, train_x, train_y, self.inner_steps)
             return adapted, self.forward_with(adapted, self.fast_layout(query_x))
 
         return self.map_tasks(per_task, start, train_x, train_y, batch.query_x)

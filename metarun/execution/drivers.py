@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from metarun.models.execution import execution_copy, follow_modes
-from metarun.models.plain_norm import batch_norm_in_plain_ops
+from metarun.execution.executed import execution_copy, follow_modes
+from metarun.execution.plain_norm import batch_norm_in_plain_ops
 
 Result = TypeVar("Result")
 
@@ -66,7 +66,7 @@ def vmap_context(first_order: bool) -> AbstractContextManager[Any]:
     """What a vmap driver runs its forward passes in: batch-norm in plain ops for second order.
 
     The fused batch-norm's double backward is wrong under vmap (pytorch/functorch#534); the
-    plain-ops version (``metarun.models.plain_norm``) is exact but slower, so first order, where
+    plain-ops version (``metarun.execution.plain_norm``) is exact but slower, so first order, where
     the fused kernel is right, keeps it.
     """
     return nullcontext() if first_order else batch_norm_in_plain_ops()
@@ -105,7 +105,7 @@ def cpu_workers(tasks: int, device: torch.device) -> int:
 
 
 class WorkerModules:
-    """Per-worker copies of a module to run (``metarun.models.execution.execution_copy``: the
+    """Per-worker copies of a module to run (``metarun.execution.executed.execution_copy``: the
     same function, rewritten to run faster), made once and kept for later meta-steps.
 
     Only the copies' structure is used: the caller passes the real parameters (and buffers) to

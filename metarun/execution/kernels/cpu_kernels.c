@@ -4,7 +4,7 @@
  * PyTorch runs these ops in NCHW on slow per-plane paths, and writes the double backward of
  * batch-norm as some thirty whole-tensor operations. Here each is one or two sweeps per
  * channel, the second over data the first left in cache. Plain C with no torch headers, so it
- * compiles in about a second (metarun/kernels/__init__.py builds it on first use and caches
+ * compiles in about a second (metarun/execution/kernels/__init__.py builds it on first use and caches
  * the library). The kernels are written once, in cpu_kernels_body.h, for float and double.
  */
 #include <math.h>

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from metarun.algorithms import task_drivers
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.metasgd import MetaSGD
+from metarun.execution import drivers
 from tests.test_maml import input_shape, make_batch, make_model
 
 
@@ -42,11 +42,11 @@ def test_every_task_runs_once_and_results_come_back_in_task_order():
         ran.extend(indices)
         return [i * 10 for i in indices]
 
-    assert task_drivers.run_tasks(work, 7, modules) == [[i * 10] for i in range(7)]
+    assert drivers.run_tasks(work, 7, modules) == [[i * 10] for i in range(7)]
     assert sorted(ran) == list(range(7))
-    assert task_drivers.run_tasks(work, 3, modules[:1]) == [[0, 10, 20]]  # one call, in place
-    assert task_drivers.cpu_workers(1, torch.device("cpu")) == 1
-    assert task_drivers.cpu_workers(8, torch.device("meta")) == 1
+    assert drivers.run_tasks(work, 3, modules[:1]) == [[0, 10, 20]]  # one call, in place
+    assert drivers.cpu_workers(1, torch.device("cpu")) == 1
+    assert drivers.cpu_workers(8, torch.device("meta")) == 1
 
 
 def test_a_slow_task_holds_up_only_its_own_worker():
@@ -64,7 +64,7 @@ def test_a_slow_task_holds_up_only_its_own_worker():
                 others_done.set()
         return threading.current_thread().name
 
-    names = task_drivers.run_tasks(work, tasks, [nn.Linear(1, 1), nn.Linear(1, 1)])
+    names = drivers.run_tasks(work, tasks, [nn.Linear(1, 1), nn.Linear(1, 1)])
     assert names[0] not in names[1:]  # one worker held task 0 while the other did the rest
 
 
@@ -79,18 +79,18 @@ def test_two_workers_match_one_task_at_a_time(algo, first_order, restore_threads
     algorithm = kind(model, "classification", 0.3, 2, first_order=first_order, task_batching="loop")
 
     used = []
-    original = task_drivers.run_tasks
+    original = drivers.run_tasks
 
     def spy(work, tasks, modules):
         used.append(len(modules))
         return original(work, tasks, modules)
 
-    task_drivers.run_tasks = spy
+    drivers.run_tasks = spy
     try:
         loss_one, grads_one = meta_step(algorithm, batch, threads=1)
         loss_two, grads_two = meta_step(algorithm, batch, threads=2)
     finally:
-        task_drivers.run_tasks = original
+        drivers.run_tasks = original
     assert used == [1, 2]  # the second step really ran two workers
     assert loss_two == pytest.approx(loss_one, rel=1e-12)
     assert any(g.abs().max() > 0 for g in grads_one)
@@ -98,3 +98,57 @@ def test_two_workers_match_one_task_at_a_time(algo, first_order, restore_threads
         torch.testing.assert_close(two, one, rtol=1e-10, atol=1e-12)
     # Worker threads leave torch's thread count as they found it.
     assert torch.get_num_threads() == 2
+
+
+def graph_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors an autograd graph from ``tensors`` accumulates into."""
+    leaves, seen = [], set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    leaves += [t for t in tensors if t.grad_fn is None and t.requires_grad]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "reptile"])
+def test_worker_threads_never_build_graphs_on_the_meta_parameters(algo, restore_threads):
+    # The thread rule (docs/RELIABILITY.md): every graph a task thread builds ends in leaves of
+    # that task's own, never in an nn.Parameter another thread builds on too.
+    from metarun.algorithms.reptile import Reptile
+
+    model = make_model("conv4", "classification", seed=5)
+    batch = make_batch("classification", input_shape("conv4"), seed=6, tasks=6)
+    if algo == "reptile":
+        algorithm = Reptile(model, "classification", 0.1, 2, task_batching="loop")
+    else:
+        kind = {"maml": MAML, "fomaml": MAML, "metasgd": MetaSGD, "anil": ANIL}[algo]
+        algorithm = kind(model, "classification", 0.3, 2, first_order=algo == "fomaml",
+                         task_batching="loop")
+    parameters = list(algorithm.parameters())
+    main = threading.main_thread()
+    seen_threads, offending = set(), []
+    forward_with = algorithm.forward_with
+
+    def recording_forward_with(params, inputs):
+        outputs = forward_with(params, inputs)
+        if threading.current_thread() is not main:
+            seen_threads.add(threading.current_thread().name)
+            for leaf in graph_leaves(outputs, *params.values(), inputs):
+                if any(leaf is p for p in parameters):
+                    offending.append(threading.current_thread().name)
+        return outputs
+
+    algorithm.forward_with = recording_forward_with  # type: ignore[method-assign]
+    torch.set_num_threads(2)
+    loss, _ = algorithm.meta_train_step(batch)
+    loss.backward()
+    algorithm.evaluate(batch)
+    assert len(seen_threads) == 2  # both task threads ran, in training and evaluation
+    assert offending == []
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in algorithm.parameters())

@@ -2,7 +2,7 @@
 
 The algorithms never run a user's module in place when they adapt it per task: they call
 ``functional_call`` on a structural copy with the real parameters and buffers passed in (the
-task-parallel threads need one copy each anyway: ``metarun.algorithms.task_drivers``). That copy
+task-parallel threads need one copy each anyway: ``metarun.execution.drivers``). That copy
 is rewritten here, in ways that change no output and no gradient, first or second order:
 
 - **ReLU after max-pool.** In an ``nn.Sequential``, ``ReLU, MaxPool2d`` becomes
@@ -11,7 +11,7 @@ is rewritten here, in ways that change no output and no gradient, first or secon
   maximum is positive, ReLU keeps the order of the values; where it is not, ReLU's gradient is
   zero in both orders). ReLU's forward, backward and double backward then see a quarter of the
   elements.
-- **Fused CPU batch-norm and max-pool** (``metarun.kernels.ops``): ``BatchNorm2d`` without
+- **Fused CPU batch-norm and max-pool** (``metarun.execution.kernels.ops``): ``BatchNorm2d`` without
   running statistics and ``MaxPool2d(2)`` run on metarun's kernels where a tensor is NCHW on the
   CPU (the support passes that second-order MAML differentiates twice), and on PyTorch's own
   everywhere else (channels-last, GPU, inside ``torch.func`` transforms).
@@ -27,7 +27,7 @@ import copy
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.kernels import ops
+from metarun.execution.kernels import ops
 
 #: Which rewrites ``execution_copy`` makes (both are exact; the switches let the benchmark
 #: measure what each gives: scripts/bench.py --no-relu-swap, --no-fused-kernels).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarun import kernels
+from metarun.execution import kernels
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 

@@ -1,0 +1,115 @@
+"""Meta-gradients task by task, on the task threads, returned through one surrogate loss.
+
+Any method whose meta-loss is a mean of per-task losses can be differentiated one task at a time:
+each task's gradient is taken as soon as its loss exists and its graph freed, instead of one
+backward through every task's graph (a second-order conv4 graph per task is large: holding all of
+a meta-batch's at once took about 10x the memory). The per-task gradients are summed in task order
+by the calling thread and handed back as a surrogate whose value is the meta-loss and whose
+gradient is exactly their sum, so the trainer calls ``backward`` and the optimizer as for every
+other algorithm.
+
+**The thread rule** (docs/RELIABILITY.md): no two threads ever build autograd graphs on the same
+leaf tensor. Every task is differentiated with respect to leaves of its own: the meta-parameters
+detached and marked ``requires_grad`` afresh for that task, never the ``nn.Parameter`` objects
+themselves. PyTorch takes a leaf's gradient-accumulator mutex whenever a graph is built on it,
+and a Python ``autograd.Function`` (the fused kernels) takes the GIL around the same call: two
+threads on one leaf can each hold one and wait for the other, forever. A detached leaf costs a
+tensor header, not a copy; it shares the parameter's storage, which nothing writes during a
+meta-step.
+
+Inputs that a shared module computed for every task (ANIL's body features) enter each task the
+same way, as detached leaves; their gradients come back stacked and the surrogate sends them
+through that module once for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metarun.execution import drivers
+
+Params = dict[str, Tensor]
+#: ``task_scores(meta, task, shared)``: one task's scores (``"loss"`` among them, each of shape
+#: ``[1]``) from the task's own leaves: ``meta`` (keyed like the meta-parameters) and ``shared``
+#: (that task's slice of each shared input).
+TaskScores = Callable[[Params, int, list[Tensor]], dict[str, Tensor]]
+
+
+def own_leaves(values: Params, like: dict[str, nn.Parameter | Tensor]) -> Params:
+    """Fresh leaf tensors over ``values``' storage, requiring grad where ``like``'s do."""
+    return {name: v.detach().requires_grad_(like[name].requires_grad) for name, v in values.items()}
+
+
+def meta_gradient_surrogate(
+    task_scores: TaskScores,
+    meta_params: dict[str, nn.Parameter | Tensor],
+    tasks: int,
+    shared: Sequence[Tensor],
+    modules: Sequence[nn.Module],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The surrogate meta-loss over ``tasks`` tasks, and every task's scores (``[B]`` each).
+
+    ``modules`` are the workers' module copies (``drivers.run_tasks``): one runs every task in
+    the calling thread, several run them on the task threads. Either way each task sees only
+    leaves of its own, and the results are summed in task order, so the numbers do not depend
+    on which thread ran what.
+    """
+    detached = {name: p.detach() for name, p in meta_params.items()}
+    shared_detached = [x.detach() for x in shared]
+    names = [name for name, p in meta_params.items() if p.requires_grad]
+
+    def work(indices: range) -> list[tuple[list[Tensor | None], dict[str, Tensor]]]:
+        results = []
+        for i in indices:
+            leaves = own_leaves(detached, meta_params)
+            shared_leaves = [x[i].detach().requires_grad_() for x in shared_detached]
+            # Like torch.func.grad in an inner loop, this works under a caller's no_grad.
+            with torch.enable_grad():
+                scores = task_scores(leaves, i, shared_leaves)
+                grads = torch.autograd.grad(
+                    scores["loss"].sum() / tasks,
+                    [*(leaves[name] for name in names), *shared_leaves],
+                    allow_unused=True,
+                )
+            results.append((list(grads), {key: v.detach() for key, v in scores.items()}))
+        return results
+
+    parts = drivers.run_tasks(work, tasks, modules)
+    per_task = [result for part in parts for result in part]
+    totals: list[Tensor | None] = [None] * len(names)
+    for grads, _ in per_task:
+        add_grads(totals, grads[: len(names)])
+    shared_grads = [
+        torch.stack(
+            [
+                torch.zeros_like(x[0]) if grads[len(names) + k] is None else grads[len(names) + k]
+                for grads, _ in per_task
+            ]
+        )
+        for k, x in enumerate(shared_detached)
+    ]
+    scores = {key: torch.cat([s[key] for _, s in per_task]) for key in per_task[0][1]}
+    mean_loss = scores["loss"].mean()
+    surrogate = sum(
+        (
+            (meta_params[name] * g).sum()
+            for name, g in zip(names, totals, strict=True)
+            if g is not None
+        ),
+        mean_loss.new_zeros(()),
+    )
+    surrogate = surrogate + sum((x * g).sum() for x, g in zip(shared, shared_grads, strict=True))
+    # Its value is the meta-loss (the trainer's non-finite guard and any caller read the real
+    # number), its gradient the summed meta-gradient.
+    surrogate = surrogate - surrogate.detach() + mean_loss
+    return surrogate, scores
+
+
+def add_grads(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    """``totals[k] += grads[k]`` in place of the list, where None means no gradient (yet)."""
+    for k, g in enumerate(grads):
+        if g is not None:
+            totals[k] = g if totals[k] is None else totals[k] + g
