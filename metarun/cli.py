@@ -5,6 +5,8 @@ Heavy imports (torch, tensorboard) happen inside the job, so a mistyped option f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -18,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import sweep
-from metarun.config import register_configs
+from metarun.config import check_override_types, register_configs
 from metarun.errors import MetarunError
 
 log = logging.getLogger("metarun")
@@ -101,7 +103,26 @@ def _discard_if_empty(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _check_command_line(argv: list[str]) -> None:
+    """Refuse a value of the wrong type in one line, before Hydra composes (and dumps) it."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return  # Hydra's own report, with its stack trace, was asked for
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return  # a malformed command line: Hydra says what is wrong with it
+    try:
+        check_override_types(args.overrides)
+    except MetarunError as err:
+        print(f"metarun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
+    _check_command_line(sys.argv[1:])
     register_configs()
     _register_resolvers()
     try:

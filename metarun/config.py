@@ -10,11 +10,19 @@ This module imports no torch: a bad config fails in well under a second.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from metarun.errors import ConfigError
 
@@ -59,6 +67,80 @@ class MetarunConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="metarun_schema", node=MetarunConfig)
+
+
+def check_override_types(overrides: Iterable[str]) -> None:
+    """Refuse a command-line value the schema cannot hold, in one line naming the type expected.
+
+    Hydra would refuse it too, while composing, but in a multi-line validation dump; this runs the
+    same conversion (``OmegaConf.update`` into the typed schema) on each override first. Overrides
+    of untyped keys, config groups and anything Hydra cannot parse are left to Hydra.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return
+    for override in parsed:
+        key = override.key_or_group
+        field_type = _schema_type(key)
+        if field_type is None or override.is_delete():
+            continue
+        value = override.value()
+        if override.is_sweep_override():
+            if not isinstance(value, ChoiceSweep):
+                continue
+            candidates = [(item, _shown(item)) for item in value.list]
+        else:
+            candidates = [(value, override.input_line.split("=", 1)[1])]
+        for candidate, text in candidates:
+            try:
+                OmegaConf.update(OmegaConf.structured(MetarunConfig), key, candidate, merge=True)
+            except ValidationError:
+                raise ConfigError(
+                    f"{key}={text} is not allowed: {key} must be {_kind(field_type)}, e.g. "
+                    f"{key}={_example(key, field_type, candidate)}"
+                ) from None
+
+
+def _schema_type(key: str) -> Any:
+    """The type the schema declares for a leaf ``key``; None where it declares none (``Any``)."""
+    node: Any = MetarunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return None if node is Any or dataclasses.is_dataclass(node) else node
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _kind(field_type: Any) -> str:
+    args = typing.get_args(field_type)
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return f"{_KINDS.get(inner, inner.__name__)} or null"
+    return _KINDS.get(field_type, getattr(field_type, "__name__", str(field_type)))
+
+
+def _example(key: str, field_type: Any, value: Any) -> str:
+    """The value written the way the schema takes it (1e9 -> 1000000000), else the default."""
+    wants_int = field_type is int or int in typing.get_args(field_type)
+    if wants_int and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    default = OmegaConf.select(OmegaConf.structured(MetarunConfig), key)
+    return _shown(default)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 _POSITIVE_INTS = [

@@ -18,7 +18,7 @@ def assert_refused(proc, *expected: str) -> None:
     ("overrides", "expected"),
     [
         (["algo=mamll"], ["Could not find 'algo/mamll'", "maml"]),
-        (["trainer.max_iters=abc"], ["trainer.max_iters", "could not be converted to Integer"]),
+        (["trainer.max_iters=abc"], ["trainer.max_iters=abc", "must be an integer"]),
         (["task.shots=0"], ["task.shots=0 is not allowed"]),
         (["task.meta_batch_size=-3"], ["task.meta_batch_size=-3 is not allowed"]),
         (["optimizer.lr=-1"], ["optimizer.lr=-1", "positive"]),
@@ -34,6 +34,32 @@ def test_bad_config_is_refused_with_its_message(tmp_path, overrides, expected):
     # Nothing half-written: a refused run leaves no output folder.
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
     assert not list(tmp_path.glob("outputs/*/*"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["trainer.max_iters=1e9"],
+            "trainer.max_iters=1e9 is not allowed: trainer.max_iters must be an integer, "
+            "e.g. trainer.max_iters=1000000000",
+        ),
+        (["task.ways=five"], "task.ways=five is not allowed: task.ways must be an integer"),
+        (
+            ["trainer.progress=maybe"],
+            "trainer.progress=maybe is not allowed: trainer.progress must be true or false",
+        ),
+        (["threads=auto"], "threads=auto is not allowed: threads must be an integer or null"),
+        (["-m", "seed=0,1,two"], "seed=two is not allowed: seed must be an integer"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_line(tmp_path, overrides, expected):
+    proc = run_metarun(*overrides, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"metarun: error: {expected}"), proc.stderr
+    assert proc.stdout == ""
+    assert not list(tmp_path.iterdir())  # refused before Hydra made any folder
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
@@ -75,3 +101,22 @@ def test_impossible_omniglot_task_is_refused(
         timeout=120,
     )
     assert_refused(proc, *expected)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer=paper",  # a config group, not a value
+        "task.ways='5'",  # the schema converts it, as Hydra does
+        "trainer.max_iters=${oc.env:MAX_ITERS,5}",
+        "threads=null",
+        "trainer.progress=false",
+        "algo.inner_lr=abc",  # untyped: the algorithm checks it when built
+        "+trainer.extra=1",
+        "~threads",
+    ],
+)
+def test_values_the_schema_takes_pass_the_type_check(override):
+    from metarun.config import check_override_types
+
+    check_override_types([override])
