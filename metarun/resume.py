@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -39,8 +40,8 @@ def saved_choices(run_dir: Path, run_info: Mapping[str, Any]) -> dict[str, str |
         recorded = OmegaConf.select(hydra_yaml, "hydra.runtime.choices", default=None)
         if isinstance(recorded, DictConfig):
             choices.update(OmegaConf.to_container(recorded))  # type: ignore[arg-type]
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, yaml.YAMLError):
+        pass  # no record: a group override is then compared by what it put in the config
     choices.update({group: run_info[group] for group in RECORDED_GROUPS if group in run_info})
     return choices
 
