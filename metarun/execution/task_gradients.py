@@ -24,6 +24,7 @@ through that module once for the whole batch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -60,6 +61,7 @@ def meta_gradient_surrogate(
     detached = {name: p.detach() for name, p in meta_params.items()}
     shared_detached = [x.detach() for x in shared]
     names = [name for name, p in meta_params.items() if p.requires_grad]
+    totals = InOrderSum(len(names))
 
     def work(indices: range) -> list[tuple[list[Tensor | None], dict[str, Tensor]]]:
         results = []
@@ -74,20 +76,15 @@ def meta_gradient_surrogate(
                     [*(leaves[name] for name in names), *shared_leaves],
                     allow_unused=True,
                 )
-            results.append((list(grads), {key: v.detach() for key, v in scores.items()}))
+            totals.add(i, grads[: len(names)])
+            results.append((list(grads[len(names) :]), {k: v.detach() for k, v in scores.items()}))
         return results
 
     parts = drivers.run_tasks(work, tasks, modules)
     per_task = [result for part in parts for result in part]
-    totals: list[Tensor | None] = [None] * len(names)
-    for grads, _ in per_task:
-        add_grads(totals, grads[: len(names)])
     shared_grads = [
         torch.stack(
-            [
-                torch.zeros_like(x[0]) if grads[len(names) + k] is None else grads[len(names) + k]
-                for grads, _ in per_task
-            ]
+            [torch.zeros_like(x[0]) if grads[k] is None else grads[k] for grads, _ in per_task]
         )
         for k, x in enumerate(shared_detached)
     ]
@@ -96,7 +93,7 @@ def meta_gradient_surrogate(
     surrogate = sum(
         (
             (meta_params[name] * g).sum()
-            for name, g in zip(names, totals, strict=True)
+            for name, g in zip(names, totals.totals, strict=True)
             if g is not None
         ),
         mean_loss.new_zeros(()),
@@ -108,8 +105,31 @@ def meta_gradient_surrogate(
     return surrogate, scores
 
 
-def add_grads(totals: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
-    """``totals[k] += grads[k]`` in place of the list, where None means no gradient (yet)."""
-    for k, g in enumerate(grads):
-        if g is not None:
-            totals[k] = g if totals[k] is None else totals[k] + g
+class InOrderSum:
+    """Per-task gradients added into running totals in task order, as the tasks finish.
+
+    A task's gradients are added as soon as every task before it has been, and held only until
+    then (with two threads, rarely more than one task's): the sums are the same, bit for bit,
+    whichever thread ran what, and no meta-batch's worth of gradients is kept until the end.
+    Keeping them all interleaved small long-lived tensors with each task's large short-lived
+    ones, and the heap grew with the fragments (docs/PERFORMANCE.md, memory).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.totals: list[Tensor | None] = [None] * count
+        self._pending: dict[int, Sequence[Tensor | None]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def add(self, task: int, grads: Sequence[Tensor | None]) -> None:
+        with self._lock:
+            self._pending[task] = grads
+            while self._next in self._pending:
+                for k, g in enumerate(self._pending.pop(self._next)):
+                    if g is None:
+                        continue
+                    if self.totals[k] is None:
+                        self.totals[k] = g
+                    else:
+                        self.totals[k].add_(g)
+                self._next += 1
