@@ -5,7 +5,7 @@ composing, before anything is built. Range checks that a type cannot express liv
 which runs before any data is loaded; checks that need the data or the model (ways against a
 split's classes, a backbone against the dataset's input) live with the code that knows.
 
-This module imports no torch: a bad config fails in well under a second.
+This module imports no torch: a bad config fails before torch's import is paid for.
 """
 
 from __future__ import annotations

@@ -11,17 +11,17 @@ the support features the head adapted on. It is never changed in the inner loop.
 
 Cost: the body runs one forward and one backward per task, never the double backward of MAML's
 inner steps, and extra inner or test steps touch only the head. How much that saves depends on
-how much of MAML's work is the inner loop. Measured against MAML (conv4, 64 channels, 15 queries
-per class, CPU, one thread, same process, interleaved): 5-way 1-shot, 1 step (MAML's Omniglot
-setting), meta-batch 32: 3.35 vs 3.90 s per meta-iteration (1.16x; the 75 query images dominate
-both), 100 test episodes at 3 steps 1.41x; 1-shot, 5 steps: 2.05x (test 3.1x); 5-shot, 5 steps:
-4.5x (test 7.6x).
+how much of MAML's work is the inner loop: little at MAML's Omniglot setting (5-way 1-shot, 1
+step, where the query images dominate both), more with more inner steps and shots, and more
+again in evaluation (measured against MAML in docs/PERFORMANCE.md, "Measurements behind the
+code's choices", "ANIL").
 
 Drivers: ``task_batching`` applies to the body's forward passes and the head's inner loop.
-``auto`` loops over tasks for conv bodies (the conv4 body was 2.6x slower under ``vmap``) and
-uses ``vmap`` otherwise. Either is exact, batch-norm included: the body is differentiated only
-once, so the batch-norm caveat of second-order ``vmap`` does not apply, and each task is its own
-batch, so batch-norm uses each task's own statistics. The head's inner loop is MAML's.
+``auto`` loops over tasks for conv bodies (the conv4 body was slower under ``vmap``: see
+``uses_vmap``) and uses ``vmap`` otherwise. Either is exact, batch-norm included: the body is
+differentiated only once, so the batch-norm caveat of second-order ``vmap`` does not apply, and
+each task is its own batch, so batch-norm uses each task's own statistics. The head's inner loop
+is MAML's.
 
 Backbones: those with ``.features`` (the body) and ``.head`` (a module with parameters), such as
 ``conv4`` and ``mlp``; others are refused with a ``ConfigError`` before training.
@@ -91,9 +91,10 @@ class ANIL(MAML):
     def uses_vmap(self) -> bool:
         """``auto``: the loop for conv bodies, ``vmap`` otherwise.
 
-        Under ``vmap`` the shared conv4 body (batch-norm, 64 channels, 5-way 1-shot, 15 queries,
-        meta-batch 32, CPU, one thread) was 2.6x slower than the loop. The body is differentiated
-        only once, so either driver is exact whatever its norm layers: the rule is about speed.
+        Under ``vmap`` the shared conv4 body was slower than the loop on the CPU (measured in
+        docs/PERFORMANCE.md, "Measurements behind the code's choices", "ANIL"). The body is
+        differentiated only once, so either driver is exact whatever its norm layers: the rule
+        is about speed.
         """
         if self.task_batching == "auto":
             return not prefers_loop(self.model, first_order=True)

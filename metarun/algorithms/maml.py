@@ -122,8 +122,9 @@ class MAML(MetaAlgorithm):
         Only for passes differentiated at most once: the query passes, and the support passes
         of first-order or evaluation adaptation. A support pass that second-order MAML
         differentiates twice stays NCHW, where PyTorch's double-backward kernels of batch-norm
-        and max-pool are faster (measured: conv4 5-way 5-shot, 2 threads, 5.5 s per meta-step
-        all channels-last against 4.8 s all NCHW). See ``metarun.execution.layout``.
+        and max-pool are faster: a second-order meta-step all channels-last was slower than all
+        NCHW (measured in docs/PERFORMANCE.md, "Measurements behind the code's choices",
+        "Layout"). See ``metarun.execution.layout``.
         """
         if self.uses_vmap or not drivers.contains(self.inner_module, (nn.Conv2d,)):
             return inputs

@@ -9,13 +9,12 @@ Batch-norm: the backbones keep no running statistics, so one forward pass normal
 statistics of what it is given. ``embed_episode`` embeds each task's support and query images
 together, in one pass per task: statistics come from that one episode only (transductive over the
 episode, like the Prototypical Networks reference code in training mode) and never mix tasks.
-How the tasks are driven was measured on CPU (torch 2.13, one thread, conv4, 5-way 1-shot 15
-queries; forward + backward): a Python loop over tasks beat ``torch.func.vmap`` by 2.4-4x (64
-channels, 32 tasks: 3.1 s vs 12.3 s) and beat folding the tasks into one batch (exact for
-batch-norm only by reshaping each batch-norm's input) by 1.1-2.7x: convolutions ran fastest on
-batches of about one episode. Folding won only for a small fully connected body (1.15x, an MLP
-256-128 on 28x28), and is exact there (no batch-norm), so those fold and conv nets loop. On a
-GPU one big batch probably wins; not yet measured.
+How the tasks are driven was measured on the CPU for conv4 (docs/PERFORMANCE.md, "Measurements
+behind the code's choices", "Metric learners"): a Python loop over tasks beat both
+``torch.func.vmap`` and folding the tasks into one batch (exact for batch-norm only by reshaping
+each batch-norm's input): convolutions ran fastest on batches of about one episode. Folding won
+only for a small fully connected body, and is exact there (no batch-norm), so those fold and
+conv nets loop. On a GPU one big batch probably wins; not yet measured.
 
 Usage::
 

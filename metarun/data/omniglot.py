@@ -17,7 +17,8 @@ Splits (meta-train / meta-val / meta-test never share a character):
 - ``lake``: alphabets, no rotations. Meta-train is the background alphabets but the last
   ``LAKE_VAL_ALPHABETS`` in sorted order, which are meta-val; meta-test is the evaluation set.
 
-Only the uint8 base images stay in memory (about 25 MB at 28 px); a split is two index tensors.
+Only the uint8 base images stay in memory (one byte a pixel: 32,460 x 28 x 28 bytes, about 25 MB,
+at 28 px); a split is two index tensors.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Omniglot on disk: the official zips or their extracted folders -> uint8 drawings.
 
-Decoding runs in forked worker processes (about 3 s for all 32,460 images on 2 cores); the
-result is cached by `metarun.data.omniglot`, so this runs once per machine.
+Decoding runs in forked worker processes (its time for all 32,460 images: docs/PERFORMANCE.md,
+"Data", "Omniglot ready, cold"); the result is cached by `metarun.data.omniglot`, so this runs
+once per machine.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def _close_archives() -> None:
 
 
 def _process_context() -> multiprocessing.context.BaseContext:
-    """Fork where available: workers start in milliseconds instead of re-importing torch."""
+    """Fork where available: workers start at once instead of re-importing torch."""
     if "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()

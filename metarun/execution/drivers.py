@@ -5,9 +5,9 @@ meta-batch on several CPU threads at once, one intra-op thread each.
 
 A conv4 meta-step is many small kernels (a 5-way task is 5 support and 75 query images): torch's
 intra-op threads split each kernel and gain little from the second core, while tasks are
-independent. Measured on the 2-core CPU machine (conv4, second-order MAML, meta-batch 32, idle):
-task by task with 2 intra-op threads 3.27 s per meta-step at 5-way 1-shot and 4.69 s at 5-shot;
-two tasks at a time on one thread each 2.22 s and 3.51 s, with the same gradients.
+independent. So on a 2-core CPU two tasks at a time on one thread each beat task by task on 2
+intra-op threads, with the same gradients (measured in docs/PERFORMANCE.md, "Measurements
+behind the code's choices", "Task drivers").
 
 Two things are not safe to share between threads and are handled here: ``torch.func``'s
 transforms (so a worker's inner loop uses ``torch.autograd.grad``: see ``MAML.support_grads``)
@@ -75,10 +75,11 @@ def vmap_context(first_order: bool) -> AbstractContextManager[Any]:
 def prefers_loop(model: nn.Module, first_order: bool) -> bool:
     """The ``auto`` rule: conv nets, and nets vmap gets wrong, adapt task by task.
 
-    ``vmap`` over per-task conv weights becomes a grouped convolution: on CPU (conv4, 5-way
-    1-shot, 15 queries, meta-batch 32) it was about 2x slower than the loop with batch-norm and
-    first order, 8x without batch-norm and second order. A 1-40-40-1 sinusoid MLP (meta-batch
-    25) was 12-13x faster under ``vmap``. The GPU choice is not yet measured.
+    ``vmap`` over per-task conv weights becomes a grouped convolution, which on the CPU was
+    slower than the loop for conv4 (with batch-norm at first order, and without it at second
+    order), while a small sinusoid MLP was much faster under ``vmap`` (measured in
+    docs/PERFORMANCE.md, "Measurements behind the code's choices", "Task drivers"). The GPU
+    choice is not yet measured.
     """
     return contains(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not vmap_is_exact(
         model, first_order
@@ -136,7 +137,7 @@ def run_tasks(
     each worker thread takes the next task not yet taken, ``work(range(i, i + 1))``, until none is
     left, so a worker slowed down (a task that costs more, a core the hypervisor lends elsewhere
     for a while) holds up only its current task: with fixed halves of the meta-batch the two
-    workers of a 5-way 1-shot meta-step finished up to 10% apart on the 2-core machine. The
+    workers of a meta-step were seen to finish apart (docs/PERFORMANCE.md, "Task drivers"). The
     results come back in task order whichever thread ran each task, so a caller summing them in
     that order gets the same numbers every time. torch's intra-op threads are set to 1 for the
     duration (restored after), so the workers don't oversubscribe the cores. Each worker, and

@@ -2,11 +2,10 @@
 
 On the CPU, PyTorch's batch-norm, ReLU and max-pool kernels are vectorised over channels when a
 tensor is channels-last (``[N, H, W, C]`` in memory) and fall back to slow per-plane loops when it
-is not: on the 2-core Xeon CI machine (torch 2.13, one thread) a 2x2 max-pool of a conv4 layer-1
-query set (75 x 64 x 28 x 28) took 28 ms NCHW against 1.5 ms channels-last, batch-norm 15 ms
-against 3.7 ms, and a whole 20-way query pass (forward and backward, 320 images) 969 ms against
-558 ms. oneDNN's convolutions keep the layout they are given, so converting a network's input is
-enough for every later layer to run channels-last.
+is not: a conv4 layer-1 max-pool and batch-norm ran several times faster channels-last, and a
+whole query pass faster (measured in docs/PERFORMANCE.md, "Measurements behind the code's
+choices", "Layout"). oneDNN's convolutions keep the layout they are given, so converting a
+network's input is enough for every later layer to run channels-last.
 
 The conversion has one trap: a tensor with one channel (Omniglot's grey images) already counts as
 "contiguous in channels-last" (the stride of a size-1 dim is not checked), so

@@ -1,11 +1,12 @@
 """metarun's fused CPU kernels (``cpu_kernels.c``): built with the machine's C compiler on first
 use, cached, and called through ``ctypes``.
 
-The C files include no torch headers, so it compiles in about a second; the shared library is
-cached under ``$METARUN_CACHE`` (default ``~/.cache/metarun``) in a file named by a hash of the
-source, the compiler flags and the CPU capability torch reports, so a machine with another
-instruction set or a changed source builds its own. ``ctypes`` releases the GIL during a call,
-so the task-parallel threads (``metarun.execution.drivers``) run the kernels at once.
+The C files include no torch headers, so they compile quickly (docs/PERFORMANCE.md, item 4 of
+"Speed and memory, both cores"); the shared library is cached under ``$METARUN_CACHE`` (default
+``~/.cache/metarun``) in a file named by a hash of the source, the compiler flags and the CPU
+capability torch reports, so a machine with another instruction set or a changed source builds
+its own. ``ctypes`` releases the GIL during a call, so the task-parallel threads
+(``metarun.execution.drivers``) run the kernels at once.
 
 Without a compiler, or with ``METARUN_KERNELS=0``, ``library()`` is None and callers use
 PyTorch's own kernels: the same numbers up to float rounding, only slower.
