@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "reptile", "protonet")
-WAYS, SHOTS, QUERIES, TASKS, IMAGE = 5, 1, 2, 4, (1, 16, 16)
+WAYS, SHOTS, QUERIES, TASKS, IMAGE = 5, 1, 2, 4, (1, 16, 16)  # TASKS: --tasks
 
 
-def cases():
+def cases(algorithms=ALGORITHMS):
     """Every combination, in an order that changes one thing at a time most of the time."""
     for inner_steps, kernels, dtype, algo in itertools.product(
-        range(1, 6), (True, False), ("float32", "float64"), ALGORITHMS
+        range(1, 6), (True, False), ("float32", "float64"), algorithms
     ):
         drivers = ("loop", "vmap") if algo in ("maml", "fomaml") else ("loop",)
         for driver, fresh in itertools.product(drivers, (True, False)):
@@ -79,15 +79,15 @@ def build(case: dict):
                 task_batching=case["driver"])
 
 
-def batch(dtype, generator):
+def batch(dtype, generator, tasks):
     import torch
 
     from metarun.data.episodes import TaskBatch
 
-    support_x = torch.randn(TASKS, WAYS * SHOTS, *IMAGE, generator=generator, dtype=dtype)
-    query_x = torch.randn(TASKS, WAYS * QUERIES, *IMAGE, generator=generator, dtype=dtype)
-    support_y = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
-    query_y = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
+    support_x = torch.randn(tasks, WAYS * SHOTS, *IMAGE, generator=generator, dtype=dtype)
+    query_x = torch.randn(tasks, WAYS * QUERIES, *IMAGE, generator=generator, dtype=dtype)
+    support_y = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(tasks, 1)
+    query_y = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(tasks, 1)
     return TaskBatch(support_x, support_y, query_x, query_y)
 
 
@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     long_lived: dict[tuple, tuple] = {}
     step = 0
-    for case in itertools.cycle(list(cases())):
+    for case in itertools.cycle(list(cases(args.algorithms))):
         key = tuple(case.items())
         if case["fresh"] or key not in long_lived:
             algorithm = build(case)
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
         dtype = getattr(torch, case["dtype"])
         label = ",".join(f"{k}={v}" for k, v in case.items())
         for kind in ["train"] * args.steps_per_case + ["evaluate"]:
-            episode = batch(dtype, generator)
+            episode = batch(dtype, generator, args.tasks)
             if kind == "train":
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = algorithm.meta_train_step(episode)
@@ -142,7 +142,8 @@ def native_stacks(pid: int) -> str:
 def supervise(args: argparse.Namespace) -> int:
     command = [sys.executable, __file__, "--child", "--threads", str(args.threads),
                "--switch-interval", str(args.switch_interval), "--seed", str(args.seed),
-               "--steps-per-case", str(args.steps_per_case)]
+               "--steps-per-case", str(args.steps_per_case), "--tasks", str(args.tasks),
+               "--algorithms", *args.algorithms]
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = log_dir / "soak-child-stderr.txt"
@@ -182,7 +183,8 @@ def supervise(args: argparse.Namespace) -> int:
     report = {"outcome": outcome, "steps": step, "seconds": round(elapsed, 1),
               "last_step": last_line, "threads": args.threads,
               "switch_interval": args.switch_interval, "contention": args.contention,
-              "stall_seconds": args.stall, "commit": _commit()}
+              "stall_seconds": args.stall, "tasks": args.tasks,
+              "algorithms": args.algorithms, "commit": _commit()}
     if outcome == "hang":
         print(f"[soak] HANG: no step finished for {args.stall:.0f} s after step {step} "
               f"({last_line}); every thread's stack:", flush=True)
@@ -222,6 +224,9 @@ def main() -> None:
                         help="busy processes to start beside the child (CPU contention)")
     parser.add_argument("--steps-per-case", type=int, default=20,
                         help="meta-steps per case before its evaluation and the next case")
+    parser.add_argument("--tasks", type=int, default=TASKS, help="tasks per meta-batch")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS),
+                        help="a subset of the cases' algorithms (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-every", type=int, default=1000)
     parser.add_argument("--log-dir", default=os.environ.get("TMPDIR", "/tmp"),

@@ -2,9 +2,9 @@
 
 Any method whose meta-loss is a mean of per-task losses can be differentiated one task at a time:
 each task's gradient is taken as soon as its loss exists and its graph freed, instead of one
-backward through every task's graph (a second-order conv4 graph per task is large: holding all of
-a meta-batch's at once took about 10x the memory). The per-task gradients are summed in task order
-by the calling thread and handed back as a surrogate whose value is the meta-loss and whose
+backward through every task's graph (a second-order conv4 graph per task is large: what holding
+a whole meta-batch's costs is in docs/PERFORMANCE.md). The per-task gradients are summed in task
+order by the calling thread and handed back as a surrogate whose value is the meta-loss and whose
 gradient is exactly their sum, so the trainer calls ``backward`` and the optimizer as for every
 other algorithm.
 
@@ -112,7 +112,7 @@ class InOrderSum:
     then (with two threads, rarely more than one task's): the sums are the same, bit for bit,
     whichever thread ran what, and no meta-batch's worth of gradients is kept until the end.
     Keeping them all interleaved small long-lived tensors with each task's large short-lived
-    ones, and the heap grew with the fragments (docs/PERFORMANCE.md, memory).
+    ones, and the heap grew with the fragments (measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, count: int) -> None:
