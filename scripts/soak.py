@@ -144,6 +144,8 @@ def supervise(args: argparse.Namespace) -> int:
                "--switch-interval", str(args.switch_interval), "--seed", str(args.seed),
                "--steps-per-case", str(args.steps_per_case), "--tasks", str(args.tasks),
                "--algorithms", *args.algorithms]
+    # A supervisor stopped by SIGTERM still kills its child and the busy processes (finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = log_dir / "soak-child-stderr.txt"
