@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,12 +25,13 @@ def test_a_hang_holding_the_gil_ends_the_run_with_every_threads_stack(tmp_path: 
             time.sleep(1)
             raise AssertionError("unreachable: the holder keeps the GIL")
     """))
-    env = {**os.environ, "METARUN_TEST_HARD_TIMEOUT": "5"}
+    # The project's own pytest settings (faulthandler_exit_on_timeout), with a shorter limit.
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "tests.hang_guard", "-p", "no:cacheprovider",
-         "-o", "addopts=", str(tmp_path / "test_stuck.py")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "pytest", "-c", str(REPO_ROOT / "pyproject.toml"),
+         "--rootdir", str(tmp_path), "-p", "no:cacheprovider", "-o", "faulthandler_timeout=5",
+         str(tmp_path / "test_stuck.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 1
