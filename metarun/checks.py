@@ -6,8 +6,10 @@ its own hyperparameters when it is built, before any training, with these.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from metarun.errors import ConfigError
 
@@ -54,3 +56,27 @@ def image_shape(input_shape: Sequence[int] | int, backbone: str) -> tuple[int, i
         )
     channels, height, width = positive_ints(shape, "backbone.input_shape")
     return channels, height, width
+
+
+def shown(value: Any) -> str:
+    """A value as it would be typed on the command line, for messages (``null``, ``true``,
+    ``'10'`` for a string that would read as a number)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, str) and _reads_as_other_type(value):
+        return repr(value)  # '10', not 10: the quotes are the difference
+    return str(value)
+
+
+def _reads_as_other_type(text: str) -> bool:
+    if text.lower() in ("true", "false", "null", "none"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -24,6 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
+from metarun.checks import shown
 from metarun.errors import ConfigError
 
 
@@ -89,7 +90,7 @@ def check_override_types(overrides: Iterable[str]) -> None:
         if override.is_sweep_override():
             if not isinstance(value, ChoiceSweep):
                 continue
-            candidates = [(item, _shown(item)) for item in value.list]
+            candidates = [(item, shown(item)) for item in value.list]
         else:
             candidates = [(value, override.input_line.split("=", 1)[1])]
         for candidate, text in candidates:
@@ -132,15 +133,7 @@ def _example(key: str, field_type: Any, value: Any) -> str:
     if wants_int and isinstance(value, float) and value.is_integer():
         return str(int(value))
     default = OmegaConf.select(OmegaConf.structured(MetarunConfig), key)
-    return _shown(default)
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return shown(default)
 
 
 _POSITIVE_INTS = [

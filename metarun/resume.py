@@ -9,7 +9,6 @@ a different experiment.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from metarun.checks import shown
 from metarun.errors import ConfigError
 
 #: The config groups whose choice a checkpoint's run_info records (build.make_trainer).
@@ -94,7 +94,7 @@ def _check_same_choice(
     if group in saved_choices:
         old, new = saved_choices[group], current_choices[group]
         if old != new:
-            _refuse(override, f"with {group}={_shown(old)}", f"gives {group}={_shown(new)}")
+            _refuse(override, f"with {group}={shown(old)}", f"gives {group}={shown(new)}")
     elif group in current:
         # No record of the option (the run folder lost .hydra/): compare what it put in the config.
         _check_same_value(override, current, saved)
@@ -113,8 +113,8 @@ def _check_same_value(override: Override, current: DictConfig, saved: DictConfig
     if override.type == OverrideType.DEL:
         new = _MISSING
     if not _same(old, new):
-        saved_setting = f"without {key}" if old is _MISSING else f"with {key}={_shown(old)}"
-        new_setting = f"removes {key}" if new is _MISSING else f"gives {key}={_shown(new)}"
+        saved_setting = f"without {key}" if old is _MISSING else f"with {key}={shown(old)}"
+        new_setting = f"removes {key}" if new is _MISSING else f"gives {key}={shown(new)}"
         _refuse(override, saved_setting, new_setting)
 
 
@@ -144,26 +144,3 @@ def _same(old: Any, new: Any) -> bool:
     if isinstance(old, list) and isinstance(new, list):
         return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
     return type(old) is type(new) and old == new
-
-
-def _shown(value: Any) -> str:
-    """A value as it would be typed on the command line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    if isinstance(value, str) and _reads_as_other_type(value):
-        return repr(value)  # '10', not 10: the quotes are the difference
-    return str(value)
-
-
-def _reads_as_other_type(text: str) -> bool:
-    if text.lower() in ("true", "false", "null", "none"):
-        return True
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -98,6 +98,7 @@ class MAML(MetaAlgorithm):
             )
         self.task_batching = task_batching
         self._worker_modules = drivers.WorkerModules()
+        self._inner_name_map: dict[str, str] | None = None
 
     @property
     def inner_module(self) -> nn.Module:
@@ -160,11 +161,19 @@ class MAML(MetaAlgorithm):
 
     def inner_params(self, meta: Params) -> Params:
         """The inner module's entries of ``meta``, keyed by the inner module's own names."""
-        prefix = next(
-            name for name, module in self.named_modules() if module is self.inner_module
-        )
-        prefix = f"{prefix}." if prefix else ""
-        return {name: meta[prefix + name] for name, _ in self.inner_module.named_parameters()}
+        return {inner: meta[full] for inner, full in self._inner_names().items()}
+
+    def _inner_names(self) -> dict[str, str]:
+        """Inner module's parameter name -> the algorithm's, found once (every task asks)."""
+        if self._inner_name_map is None:
+            prefix = next(
+                name for name, module in self.named_modules() if module is self.inner_module
+            )
+            prefix = f"{prefix}." if prefix else ""
+            self._inner_name_map = {
+                name: prefix + name for name, _ in self.inner_module.named_parameters()
+            }
+        return self._inner_name_map
 
     def inner_update(
         self, meta: Params, params: Params, grads: Params, state: dict[str, Any]
