@@ -15,3 +15,8 @@ class DataError(MetarunError):
 
 class CheckpointError(MetarunError):
     """A checkpoint or run folder that cannot be loaded or resumed from."""
+
+
+def short_reason(error: BaseException) -> str:
+    """An exception as one short line, for error messages that must stay one line."""
+    return " ".join(str(error).split())[:200] or type(error).__name__

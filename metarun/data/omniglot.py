@@ -35,8 +35,9 @@ from torch import Tensor
 
 from metarun.data.download import download as fetch
 from metarun.data.episodes import ClassImageBatchSampler, ClassImageSampler
-from metarun.data.omniglot_files import Source, decode_sources, short_reason, source_files
-from metarun.errors import ConfigError, DataError
+from metarun.data.image_cache import default_cache_dir
+from metarun.data.omniglot_files import Source, decode_sources, source_files
+from metarun.errors import ConfigError, DataError, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class Omniglot:
         self.image_size = int(image_size)
         self.input_shape = (1, self.image_size, self.image_size)
         self.folder = Path(root).expanduser() / "omniglot"
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else _default_cache(self.folder)
+        self.cache_dir = (Path(cache_dir).expanduser() if cache_dir
+                          else default_cache_dir(self.folder, "omniglot"))
 
         sources = self._find_sources(download)
         split_lists = self._find_split_lists(download) if split == "vinyals" else {}
@@ -187,16 +189,6 @@ class Omniglot:
             fetch(SPLIT_LIST_URL.format(phase=phase), paths[phase], SPLIT_LIST_MD5[phase],
                   f"omniglot split {phase}")
         return paths
-
-
-def _default_cache(folder: Path) -> Path:
-    """``<root>/omniglot/cache``, unless the data folder is marked read-only (no write bit, which
-    even root should respect: shared data must stay untouched); then the user's cache folder."""
-    if not folder.is_dir() or (folder / "cache").is_dir() or folder.stat().st_mode & 0o222:
-        return folder / "cache"
-    fallback = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "metarun"
-    log.info("omniglot: %s is read-only; caching in %s", folder, fallback / "omniglot")
-    return fallback / "omniglot"
 
 
 def _load_or_build(sources: list[Source], cache_dir: Path, image_size: int) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metarun.errors import DataError
+from metarun.errors import DataError, short_reason
 
 #: Images per worker task: big enough to amortise the hand-off, small enough to balance 2 cores.
 CHUNK_IMAGES = 512
@@ -183,8 +183,3 @@ def _process_context() -> multiprocessing.context.BaseContext:
     if "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
-
-
-def short_reason(error: BaseException) -> str:
-    """An exception as one short line, for error messages that must stay one line."""
-    return " ".join(str(error).split())[:200] or type(error).__name__
