@@ -130,11 +130,11 @@ def decode_parallel(out: np.ndarray, jobs: Sequence[Job], decode: Callable[[Job]
             bar.update(done)
 
 
-def default_cache_dir(folder: Path, name: str) -> Path:
-    """``<folder>/cache``, unless the data folder is marked read-only (no write bit, which even
-    root should respect: shared data must stay untouched); then the user's cache folder."""
-    if not folder.is_dir() or (folder / "cache").is_dir() or folder.stat().st_mode & 0o222:
-        return folder / "cache"
+def default_cache_dir(folder: Path, name: str, subfolder: str = "cache") -> Path:
+    """``<folder>/<subfolder>``, unless the data folder is marked read-only (no write bit, which
+    even root should respect: shared data must stay untouched); then the user's cache folder."""
+    if not folder.is_dir() or (folder / subfolder).is_dir() or folder.stat().st_mode & 0o222:
+        return folder / subfolder
     fallback = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "metarun"
     log.info("%s: %s is read-only; caching in %s", name, folder, fallback / name)
     return fallback / name

@@ -30,6 +30,8 @@ class ImageDataset:
     name = "images"
     default_mean: Sequence[float] = IMAGENET_MEAN
     default_std: Sequence[float] = IMAGENET_STD
+    #: The cache's folder inside the data folder (when that is writable and no cache_dir is set).
+    cache_subfolder = "cache"
 
     def __init__(
         self,
@@ -53,11 +55,15 @@ class ImageDataset:
         if in_memory is not None and not isinstance(in_memory, bool):
             raise ConfigError(f"dataset.in_memory={in_memory!r} must be true, false or null")
         self.download = download
-        self.folder = Path(root).expanduser() / self.name
+        self.folder = self.data_folder(root)
         self.cache_dir = (Path(cache_dir).expanduser() if cache_dir
-                          else default_cache_dir(self.folder, self.name))
+                          else default_cache_dir(self.folder, self.name, self.cache_subfolder))
         plan = self.plan()
         self.images, self.splits = load_or_build(plan, self.cache_dir, in_memory)
+
+    def data_folder(self, root: str) -> Path:
+        """Where this dataset's files are: ``<root>/<name>``; a user's folder overrides it."""
+        return Path(root).expanduser() / self.name
 
     def plan(self) -> CachePlan:
         raise NotImplementedError
