@@ -158,7 +158,8 @@ class Baseline(MetaAlgorithm):
         if not callable(getattr(dataset, "batch_sampler", None)):
             raise ConfigError(
                 f"algo={CLASSIFIERS[self.classifier_kind]} pre-trains on labelled mini-batches, "
-                f"which {type(dataset).__name__} cannot give; use dataset=omniglot"
+                f"which {type(dataset).__name__} cannot give; use an image dataset (omniglot, "
+                "miniimagenet, tieredimagenet, cifarfs, fc100, cub or folder)"
             )
         sampler = dataset.batch_sampler("train", self.batch_size)
         num_classes = dataset.num_classes("train")
