@@ -1,4 +1,5 @@
-"""From a composed config to live objects: dataset, samplers, backbone, algorithm, optimizer.
+"""From a composed config to live objects: dataset, samplers, backbone, algorithm, optimizer and
+its learning-rate schedule.
 
 Every component is built by `hydra.utils.instantiate` from its config's ``_target_``: adding an
 algorithm, dataset or backbone is one module and one yaml file, never a branch here.
@@ -24,7 +25,7 @@ from metarun.config import validate
 from metarun.data.episodes import EpisodeSampler
 from metarun.errors import CheckpointError, ConfigError, MetarunError
 from metarun.logging import flat_hparams
-from metarun.resume import resumed_config, saved_choices
+from metarun.resume import RECORDED_GROUPS, resumed_config, saved_choices
 from metarun.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger("metarun")
@@ -36,6 +37,8 @@ EVAL_SPLITS = ("val", "test")
 class Components:
     algorithm: MetaAlgorithm
     optimizer: torch.optim.Optimizer
+    #: Steps the optimizer's learning rate once per meta-iteration; None: a constant rate.
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     #: Meta-training draws (as the algorithm asks for them) and the meta-val/test samplers.
     training_batches: Callable[[torch.Generator], Any]
     samplers: dict[str, EpisodeSampler]
@@ -63,7 +66,18 @@ def build(cfg: DictConfig) -> Components:
     )
     algorithm.to(device)
     optimizer = _instantiate(cfg.optimizer, "optimizer")(params=algorithm.parameters())
-    return Components(algorithm, optimizer, training_batches, samplers, device)
+    scheduler = build_scheduler(cfg.get("scheduler"), optimizer)
+    return Components(algorithm, optimizer, scheduler, training_batches, samplers, device)
+
+
+def build_scheduler(
+    node: DictConfig | None, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The schedule on the meta-optimizer, whoever computes its gradient; None for
+    ``scheduler=none`` (an empty node) and for configs saved before schedules existed."""
+    if not node:
+        return None
+    return _instantiate(node, "scheduler")(optimizer=optimizer)
 
 
 #: Config keys that say where things are or how a run is displayed, not how it learns: left out
@@ -85,8 +99,7 @@ NOT_HYPERPARAMETERS = frozenset(
 
 def run_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     """The run's settings for TensorBoard's HParams tab: the options picked and every value."""
-    picked = {group: choices[group] for group in ("algo", "dataset", "backbone", "optimizer")
-              if choices.get(group)}
+    picked = {group: choices[group] for group in RECORDED_GROUPS if choices.get(group)}
     values = OmegaConf.to_container(cfg, resolve=True)
     return {**picked, **flat_hparams(values, skip=NOT_HYPERPARAMETERS)}
 
@@ -99,7 +112,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
     """
     resume_state = None
     run_info = {
-        **{group: choices.get(group) for group in ("algo", "dataset", "backbone", "optimizer")},
+        **{group: choices.get(group) for group in RECORDED_GROUPS},
         "metarun_version": __version__,
     }
     if cfg.resume:
@@ -141,14 +154,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         run_info=run_info,
         hparams=run_hparams(cfg, choices),
+        scheduler=parts.scheduler,
     )
     if resume_state is not None:
         try:
             trainer.restore(resume_state)
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(
-                f"{cfg.resume}/checkpoints/last.pt does not match this run's model or optimizer "
-                f"({type(err).__name__}); it was written by a different configuration"
+                f"{cfg.resume}/checkpoints/last.pt does not match this run's model, optimizer or "
+                f"schedule ({type(err).__name__}); it was written by a different configuration"
             ) from err
     return trainer
 

@@ -11,6 +11,7 @@ This module imports no torch: a bad config fails before torch's import is paid f
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
-from metarun.checks import shown
+from metarun.checks import positive_int, positive_number, shown
 from metarun.errors import ConfigError
 
 
@@ -58,6 +59,8 @@ class MetarunConfig:
     backbone: Any = field(default_factory=dict)
     algo: Any = field(default_factory=dict)
     optimizer: Any = field(default_factory=dict)
+    #: The meta-optimizer's learning-rate schedule; empty (scheduler=none): a constant rate.
+    scheduler: Any = field(default_factory=dict)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -161,12 +164,31 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise ConfigError(f"optimizer.lr={lr!r} must be a positive number, e.g. optimizer.lr=1e-3")
+    _validate_scheduler(cfg.get("scheduler"))
     if cfg.trainer.device not in ("auto", "cpu") and not str(cfg.trainer.device).startswith(
         ("cuda", "mps")
     ):
         raise ConfigError(
             f"trainer.device={cfg.trainer.device!r} is not a device; use auto, cpu or cuda[:N]"
         )
+
+
+#: The schedules' keys (configs/scheduler/) and their checks: a schedule is built only after the
+#: data and the model, too late for a bad value to fail at once.
+_SCHEDULER_CHECKS = {"step_size": positive_int, "T_max": positive_int, "gamma": positive_number}
+
+
+def _validate_scheduler(scheduler: Any) -> None:
+    """A step size, period or decay no schedule can use; an empty node is a constant rate."""
+    if not scheduler:
+        return
+    for key, check in _SCHEDULER_CHECKS.items():
+        if key in scheduler:
+            check(scheduler[key], f"scheduler.{key}")
+    eta_min = scheduler.get("eta_min", 0.0)
+    is_number = isinstance(eta_min, int | float) and not isinstance(eta_min, bool)
+    if not is_number or not math.isfinite(eta_min) or eta_min < 0:
+        raise ConfigError(f"scheduler.eta_min must be a number >= 0, got {eta_min!r}")
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

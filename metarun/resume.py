@@ -22,8 +22,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from metarun.checks import shown
 from metarun.errors import ConfigError
 
-#: The config groups whose choice a checkpoint's run_info records (build.make_trainer).
-RECORDED_GROUPS = ("algo", "dataset", "backbone", "optimizer")
+#: The config groups whose choice a checkpoint's run_info records (build.make_trainer), and
+#: which TensorBoard's HParams show by name (build.run_hparams). Checkpoints written before
+#: ``scheduler`` existed record only the first four.
+RECORDED_GROUPS = ("algo", "dataset", "backbone", "optimizer", "scheduler")
 
 _MISSING = object()
 

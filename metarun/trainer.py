@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,12 @@ class Trainer:
         config_yaml: str,
         run_info: dict[str, Any] | None = None,
         hparams: dict[str, Any] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.optimizer = optimizer
+        #: Steps ``optimizer``'s learning rate once per meta-iteration; None: a constant rate.
+        self.scheduler = scheduler
         self.training_batches = training_batches
         self.samplers = samplers
         self.settings = settings
@@ -110,6 +114,7 @@ class Trainer:
         return {
             "algorithm": self.algorithm.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "iteration": self.iteration,
             "best_value": self.best_value,
             "best_iteration": self.best_iteration,
@@ -128,6 +133,12 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            # Checkpoints from before schedules have no "scheduler"; their saved config has no
+            # schedule either, so only a checkpoint of another configuration gets here without one.
+            if state.get("scheduler") is None:
+                raise KeyError("scheduler")
+            self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         self.best_value = state["best_value"]
         self.best_iteration = state["best_iteration"]
@@ -196,13 +207,15 @@ class Trainer:
             batch = self.training_batches(self.train_generator).to(self.device)
             loss, metrics = self.algorithm.meta_train_step(batch)
             self.iteration += 1
-            if not torch.isfinite(loss.detach()).item():
+            finite = torch.isfinite(loss.detach()).item()
+            if not finite:
                 self._non_finite(loss)
                 metrics = {}
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+            self._advance_schedule(skipped=not finite)
             for name, value in metrics.items():
                 self.window[name] = self.window.get(name, 0.0) + value
             self.window_count += 1
@@ -219,8 +232,31 @@ class Trainer:
                 self._save("last.pt")
         bar.close()
 
+    def _advance_schedule(self, skipped: bool) -> None:
+        """One schedule step per meta-iteration, a skipped non-finite batch's included.
+
+        ``step_size`` and ``T_max`` count meta-iterations as ``max_iters`` and ``val_every`` do,
+        skipped ones too, so the learning rate is a function of the iteration alone: skipped
+        batches never shift a run's schedule.
+        """
+        if self.scheduler is None:
+            return
+        if not skipped:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            # torch warns when a schedule moves before the optimizer's first step, as it does
+            # when the first batch is skipped: here that is intended.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
+
     def _flush_window(self, seconds: float) -> dict[str, float]:
-        """Log the metrics averaged since the last log point (over the finite iterations)."""
+        """Log the metrics averaged since the last log point (over the finite iterations).
+
+        ``lr`` is the optimizer's after this iteration's schedule step, the one the next update
+        uses: a step schedule shows its cut at multiples of ``step_size``, a cosine reaches
+        ``eta_min`` at ``T_max``.
+        """
         finite = self.window_count - self.window_skipped
         averaged = {name: total / max(finite, 1) for name, total in self.window.items()}
         averaged["iters_per_sec"] = self.window_count / max(seconds, 1e-9)
@@ -383,7 +419,8 @@ def episode_batches(
 
 
 def _postfix(averaged: dict[str, float], metric: str) -> dict[str, str]:
-    shown = {"loss": f"{averaged['loss']:.3f}"}
+    """The progress bar's numbers; none for a window whose batches were all skipped."""
+    shown = {"loss": f"{averaged['loss']:.3f}"} if "loss" in averaged else {}
     if metric == "accuracy" and "accuracy" in averaged:
         shown["acc"] = f"{100 * averaged['accuracy']:.1f}%"
     elif metric in averaged:
