@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(path.stem for path in EXPERIMENT_DIR.glob("*.yaml"))
 NAME = re.compile(
     r"(?P<algo>[a-z]+)_(?P<dataset>[a-z]+)_(?:(?P<ways>\d+)w(?P<shots>\d+)s|k(?P<k>\d+))"
 )
-GROUPS = ("dataset", "algo", "backbone", "optimizer")
+GROUPS = ("dataset", "algo", "backbone", "optimizer", "scheduler")
 
 #: The values each experiment's comments attribute to its paper (or the authors' code).
 PAPER_VALUES: dict[str, dict[str, Any]] = {
@@ -56,10 +56,12 @@ PAPER_VALUES: dict[str, dict[str, Any]] = {
     "protonet_omniglot_5w1s": {  # Snell et al. 2017, sec. 3.1
         "task.ways": 5, "algo.train_ways": 60, "algo.train_shots": None,
         "algo.train_queries": 5, "task.meta_batch_size": 1, "optimizer.lr": 1e-3,
+        "scheduler.step_size": 2000, "scheduler.gamma": 0.5,  # halved every 2000 episodes
     },
     "protonet_omniglot_20w1s": {
         "task.ways": 20, "algo.train_ways": 60, "algo.train_shots": None,
         "algo.train_queries": 5, "task.meta_batch_size": 1,
+        "scheduler.step_size": 2000, "scheduler.gamma": 0.5,
     },
     "matchingnet_omniglot_5w1s": {"algo.fce": False, "algo.train_ways": None},
     "relationnet_omniglot_5w1s": {  # Sung et al. 2018, sec. 4.1; LearningToCompare_FSL
