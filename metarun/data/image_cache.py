@@ -11,11 +11,14 @@ describes. Anything else is rebuilt, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -167,12 +170,17 @@ def _build(plan: CachePlan, shape: tuple[int, ...], data_path: Path,
     try:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         description_path.unlink(missing_ok=True)  # a half-replaced pair must never look valid
-        with open(data_temp, "wb") as file:
+        with open(data_temp, "w+b") as file:
             file.truncate(math.prod(shape))
-        out = np.memmap(data_temp, dtype=np.uint8, mode="r+", shape=shape)
-        plan.fill(out)
-        out.flush()
-        del out
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_WRITE)
+        try:
+            out = _ReleasingRows.over(mapping, shape)
+            plan.fill(out)
+            del out
+            mapping.flush()
+        finally:
+            with contextlib.suppress(BufferError):  # a view a loader kept: closed when collected
+                mapping.close()
         _fsync(data_temp)
         os.replace(data_temp, data_path)
         description = {"version": CACHE_VERSION, "shape": list(shape),
@@ -193,3 +201,47 @@ def _build(plan: CachePlan, shape: tuple[int, ...], data_path: Path,
 def _fsync(path: Path) -> None:
     with open(path, "rb") as file:
         os.fsync(file.fileno())
+
+
+class _ReleasingRows(np.ndarray):
+    """The cache being built, as a writable array over a shared file mapping that hands the
+    pages it wrote back to the kernel every ``RELEASE_BYTES``: the written images are safe in the
+    page cache (and then on disk), and the build's resident memory stays the size of what a
+    loader holds (one split's pickle, say) instead of growing by the whole cache."""
+
+    RELEASE_BYTES = 64 << 20
+
+    @classmethod
+    def over(cls, mapping: mmap.mmap, shape: tuple[int, ...]) -> _ReleasingRows:
+        rows = np.frombuffer(mapping, dtype=np.uint8).reshape(shape).view(cls)
+        rows._release = _Release(mapping, cls.RELEASE_BYTES)
+        return rows
+
+    def __array_finalize__(self, parent: object) -> None:
+        self._release = getattr(parent, "_release", None)
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if self._release is not None:
+            written = value if isinstance(value, np.ndarray) else self[key]
+            self._release.wrote(np.asarray(written).nbytes)
+
+
+class _Release:
+    """Counts bytes written (from any thread) and releases the mapping's pages now and then."""
+
+    def __init__(self, mapping: mmap.mmap, every: int) -> None:
+        self.mapping = mapping
+        self.every = every
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    def wrote(self, nbytes: int) -> None:
+        with self.lock:
+            self.pending += nbytes
+            if self.pending < self.every:
+                return
+            self.pending = 0
+        # A shared file mapping keeps its contents in the page cache: the pages come back from
+        # there (or the file) if touched again, so releasing them loses nothing.
+        self.mapping.madvise(mmap.MADV_DONTNEED)

@@ -150,14 +150,16 @@ class ClassRowsSampler:
         keys.masked_fill_(self.positions >= counts.unsqueeze(-1), -1.0)
         picks = keys.topk(shots + queries, dim=2).indices  # [B, N, K+Q]
         rows = self.split.start[classes].unsqueeze(-1) + picks
-        images = self.normalize(self.images.gather(rows), self.augment, generator)
-        image_shape = images.shape[3:]
-        support_x = images[:, :, :shots].reshape(batch, ways * shots, *image_shape)
-        query_x = images[:, :, shots:].reshape(batch, ways * queries, *image_shape)
+        # Support and query rows are gathered apart, so the images land in their final layout
+        # and are converted once, never copied again to split them.
+        support_x = self.normalize(self.images.gather(rows[:, :, :shots].reshape(batch, -1)),
+                                   self.augment, generator)
+        query_x = self.normalize(self.images.gather(rows[:, :, shots:].reshape(batch, -1)),
+                                 self.augment, generator)
         labels = torch.arange(ways)
         support_y = labels.repeat_interleave(shots).repeat(batch, 1)
         query_y = labels.repeat_interleave(queries).repeat(batch, 1)
-        return TaskBatch(support_x.contiguous(), support_y, query_x.contiguous(), query_y)
+        return TaskBatch(support_x, support_y, query_x, query_y)
 
 
 class RowBatchSampler:
