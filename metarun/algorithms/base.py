@@ -66,7 +66,28 @@ class MetaAlgorithm(nn.Module):
         raise NotImplementedError
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-task metrics of the query predictions after adapting on each support set."""
+        with torch.no_grad():
+            outputs = self.evaluation_outputs(batch)
+        scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
+        return {name: value.detach() for name, value in scores.items()}
+
+    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        """What evaluation predicts for every query, ``[B, N*Q, C]``: class logits (any scale a
+        softmax turns into probabilities) for classification, ``[B, N*Q, 1]`` for regression.
+        Adapts on each task's support set as ``evaluate`` does; never leaves gradients on the
+        meta-parameters. Called under ``torch.no_grad()`` by ``evaluate``: an algorithm whose
+        adaptation needs gradients enables them inside (as MAML's inner loop does)."""
         raise NotImplementedError
+
+    def query_probabilities(self, batch: TaskBatch) -> Tensor:
+        """Per-query class probabilities ``[B, N*Q, N]`` on evaluation tasks (what a super
+        learner blends across runs)."""
+        if self.task_type != CLASSIFICATION:
+            raise ConfigError("class probabilities exist for classification tasks only")
+        with torch.no_grad():
+            outputs = self.evaluation_outputs(batch)
+        return torch.softmax(outputs.detach().double(), dim=-1)
 
 
 def task_loss(outputs: Tensor, targets: Tensor, task_type: str) -> Tensor:
