@@ -23,6 +23,10 @@ Cases (``--only`` takes shell-style patterns of their names):
   its own meta-batch with its own pipeline, then the MAML step (see bench_train.py).
 - ``grad-*``: float64 meta-gradients of both libraries on the same weights and tasks; the largest
   absolute difference (target <= 1e-6).
+- ``miniimagenet``: mini-ImageNet-sized data (synthetic pickles of the real shapes, 1.3 GB in a
+  temporary folder): metarun's cache build, warm ready time, episodes/s and peak memory against
+  learn2learn's benchmark pipeline on the same files, each side in its own process
+  (bench_images.py; also runs alone).
 
 What is held equal and why: bench_steps.py. Timings on a machine running something else are
 noisy: prefer OMP_NUM_THREADS=1 with --threads 1 there, and read the load average in the JSON.
@@ -46,6 +50,7 @@ try:
     # on every import; learn2learn's gym part is not used here.
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn  # noqa: F401
+    import bench_images
     import bench_steps
     from bench_data import (
         SAMPLE_CASES,
@@ -88,7 +93,8 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_CASES = [TrainCase(case) for case in STEP_CASES
                if case.algo == "maml" and not case.first_order and case.inner_steps == 1]
 ALL_CASES = (["ready"] + [case.name for case in SAMPLE_CASES] + [case.name for case in STEP_CASES]
-             + [case.name for case in TRAIN_CASES] + [f"grad-{case.name}" for case in STEP_CASES])
+             + [case.name for case in TRAIN_CASES] + [f"grad-{case.name}" for case in STEP_CASES]
+             + ["miniimagenet"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                      for key, value in vars(args).items()}
         | {"data": str(data_root), "cases": names, "memory_method": memory_method(device)},
         "ready": None, "sampling": [], "steps": [], "training": [], "gradients": [],
+        "images": None,
     }
     l2l_data: L2lOmniglot | None = None
     cpu_before = cpu_seconds_by_kind()
@@ -268,11 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                 batch = task_batch(dataset, case, tasks, args.seed, device)
                 base = make_model(case, args.seed).to(device)
                 results["gradients"].append(gradient_agreement(case, base, batch))
+        if "miniimagenet" in names:
+            progress("miniimagenet: synthetic pickles, then each side in its own process")
+            results["images"] = bench_images.run(None, args.sample_seconds, args.seed)
     finally:
         if l2l_data is not None:
             l2l_data.close()
     results["machine"]["cpu_steal_share"] = steal_share(cpu_before, cpu_seconds_by_kind())
     print_tables(results)
+    if results["images"] is not None:
+        bench_images.print_table(results["images"])
     if results["machine"]["cpu_steal_share"] is not None:
         print(f"\nCPU time stolen by the hypervisor during this run: "
               f"{100 * results['machine']['cpu_steal_share']:.1f}%")
