@@ -8,6 +8,7 @@ algorithm, dataset or backbone is one module and one yaml file, never a branch h
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun import __version__
+from metarun import __version__, distributed
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.checkpoint import load_checkpoint, previous_path
 from metarun.config import validate
@@ -132,6 +133,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         )
         run_info = dict(saved_run_info)
     parts = build(cfg)
+    parallel = distributed.start(parts.device.type)
     settings = TrainerSettings(
         max_iters=cfg.trainer.max_iters,
         val_every=cfg.trainer.val_every,
@@ -158,6 +160,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         run_info=run_info,
         hparams=run_hparams(cfg, choices),
         scheduler=parts.scheduler,
+        parallel=parallel,
     )
     if resume_state is not None:
         try:
@@ -190,7 +193,9 @@ def _load_resume_state(last: Path) -> dict[str, Any]:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process under torchrun
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but no CUDA device is available; use auto or cpu")

@@ -5,12 +5,14 @@ Heavy imports (torch, tensorboard) happen inside the job, so a mistyped option f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -121,8 +123,23 @@ def _check_command_line(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _follower_overrides() -> list[str]:
+    """Under torchrun or SLURM, processes other than rank 0 write nothing: Hydra's folder,
+    config copy and log go to a temporary folder (removed at exit), and they log warnings only.
+    Rank 0 keeps the run folder the user sees."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    if not rank or rank == "0" or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"metarun-rank{rank}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    logging.getLogger("metarun").setLevel(logging.WARNING)
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null",
+            "hydra.job_logging.root.level=WARNING"]
+
+
 def main() -> None:
     _check_command_line(sys.argv[1:])
+    sys.argv += _follower_overrides()
     register_configs()
     _register_resolvers()
     try:
@@ -130,6 +147,11 @@ def main() -> None:
         code: int | str | None = 0
     except SystemExit as exit_:
         code = exit_.code
+    finally:
+        if "torch.distributed" in sys.modules:
+            from metarun.distributed import stop
+
+            stop()
     failed_jobs = sweep.report()
     sys.exit(1 if failed_jobs and not code else code)
 

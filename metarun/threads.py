@@ -84,6 +84,11 @@ def choose_threads(
             return ThreadChoice(int(cpus), f"ray: num_cpus={cpus}")
         # Ray gives a task without num_cpus one CPU, and OMP_NUM_THREADS=1, which torch follows.
         return ThreadChoice(None, "ray without ray.remote.num_cpus: torch's default")
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if processes > 1:
+        # torchrun starts this many processes of one run on this machine: each takes its share.
+        return ThreadChoice(max(1, cores // processes),
+                            f"torchrun: {processes} processes on {cores} usable cores")
     return ThreadChoice(None, "one job at a time: torch's default")
 
 

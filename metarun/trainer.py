@@ -27,6 +27,7 @@ from tqdm import tqdm
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.data.episodes import EpisodeSampler, TaskBatch
+from metarun.distributed import Parallel
 from metarun.errors import MetarunError
 from metarun.logging import RunLogger, format_metric, mean_and_ci95, write_json
 
@@ -78,6 +79,7 @@ class Trainer:
         config_yaml: str,
         run_info: dict[str, Any] | None = None,
         hparams: dict[str, Any] | None = None,
+        parallel: Parallel | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         self.algorithm = algorithm
@@ -92,6 +94,9 @@ class Trainer:
         self.config_yaml = config_yaml
         self.run_info = run_info or {}
         self.hparams = hparams or {}
+        #: Where this process stands in a torch.distributed run (one process: Parallel()).
+        self.parallel = parallel or Parallel()
+        self.agreed_stop: int | None = None
         self.train_generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.best_value: float | None = None
@@ -157,7 +162,8 @@ class Trainer:
         self._session_start = time.perf_counter()
         resumed_from = self.iteration if self.iteration > 0 else None
         purge_step = None if resumed_from is None else resumed_from + 1
-        self.logger = RunLogger(self.run_dir, purge_step=purge_step)
+        self.logger = (RunLogger(self.run_dir, purge_step=purge_step) if self.parallel.is_main
+                       else _Silent())
         previous_handlers = _catch_stop_signals(self._on_signal)
         try:
             if resumed_from is not None:
@@ -198,23 +204,28 @@ class Trainer:
             total=s.max_iters,
             initial=self.iteration,
             desc="meta-train",
-            disable=not s.progress,
+            disable=not (s.progress and self.parallel.is_main),
             dynamic_ncols=True,
         )
         self.algorithm.train()
         while self.iteration < s.max_iters:
-            self._stop_if_asked()
-            batch = self.training_batches(self.train_generator).to(self.device)
-            loss, metrics = self.algorithm.meta_train_step(batch)
+            self._stop_if_asked(agreed=True)
+            # Every process draws the whole meta-batch (the same one) and keeps its share.
+            batch, share = self.parallel.shard(self.training_batches(self.train_generator))
+            loss, metrics = self.algorithm.meta_train_step(batch.to(self.device))
             self.iteration += 1
-            finite = torch.isfinite(loss.detach()).item()
+            self.agreed_stop, any_non_finite = self.parallel.agree(
+                self.stop_signal, not torch.isfinite(loss.detach()).item())
+            finite = not any_non_finite
             if not finite:
                 self._non_finite(loss)
                 metrics = {}
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.parallel.reduce_gradients(self.algorithm.parameters(), share)
                 self.optimizer.step()
+                metrics = self.parallel.reduce_metrics(metrics, share)
             self._advance_schedule(skipped=not finite)
             for name, value in metrics.items():
                 self.window[name] = self.window.get(name, 0.0) + value
@@ -281,9 +292,15 @@ class Trainer:
         self.window_skipped += 1
         log.warning("skipped a non-finite loss at iteration %d", self.iteration)
 
-    def _stop_if_asked(self) -> None:
-        if self.stop_signal is not None:
-            raise RunInterrupted(self.stop_signal, self.iteration)
+    def _stop_if_asked(self, agreed: bool = False) -> None:
+        """Stop at a safe point. Several processes stop only where they agreed to (between
+        iterations), so that none is left waiting in a collective for the others."""
+        if not self.parallel.active:
+            signum = self.stop_signal
+        else:
+            signum = self.agreed_stop if agreed else None
+        if signum is not None:
+            raise RunInterrupted(signum, self.iteration)
 
     def _validate(self) -> None:
         s = self.settings
@@ -315,8 +332,9 @@ class Trainer:
         s = self.settings
         self.testing = True
         best_path = self.checkpoint_dir / "best.pt"
-        if best_path.exists():
+        if self.parallel.is_main and best_path.exists():
             self.algorithm.load_state_dict(load_checkpoint(best_path)["algorithm"])
+        self.parallel.broadcast_module(self.algorithm)
         scores = self._evaluate("test", s.test_episodes, TEST_EPISODE_SEED)
         metric = self.algorithm.primary_metric
         mean, ci95 = mean_and_ci95(scores[metric])
@@ -356,27 +374,32 @@ class Trainer:
             "complete": complete,
             **extra,
         }
-        write_json(self.run_dir / "results.json", results)
+        if self.parallel.is_main:
+            write_json(self.run_dir / "results.json", results)
         return results
 
     def _evaluate(self, split: str, episodes: int, seed: int) -> dict[str, list[float]]:
         self.algorithm.eval()
-        scores: dict[str, list[float]] = {}
         batches = episode_batches(
             self.samplers[split], episodes, self.settings.eval_batch_size, seed
         )
         desc = "meta-val" if split == "val" else "meta-test"
-        show = self.settings.progress
+        show = self.settings.progress and self.parallel.is_main
+        # Several processes deal the batches out and gather the scores back in batch order.
+        local: list[tuple[int, dict[str, list[float]]]] = []
         with tqdm(total=episodes, desc=desc, leave=False, disable=not show) as bar:
-            for batch in batches:
-                self._stop_if_asked()
-                metrics = self.algorithm.evaluate(batch.to(self.device))
-                for name, values in metrics.items():
-                    scores.setdefault(name, []).extend(values.double().cpu().tolist())
+            for index, batch in enumerate(batches):
+                if self.parallel.mine(index):
+                    self._stop_if_asked()
+                    metrics = self.algorithm.evaluate(batch.to(self.device))
+                    local.append((index, {name: values.double().cpu().tolist()
+                                          for name, values in metrics.items()}))
                 bar.update(batch.meta_batch_size)
-        return scores
+        return self.parallel.gather_scores(local)
 
     def _save(self, name: str) -> None:
+        if not self.parallel.is_main:
+            return
         save_checkpoint(self.checkpoint_dir / name, self.state(), keep_previous=name == "last.pt")
 
     def _session_elapsed(self) -> float:
@@ -426,3 +449,10 @@ def _postfix(averaged: dict[str, float], metric: str) -> dict[str, str]:
     elif metric in averaged:
         shown[metric] = f"{averaged[metric]:.3f}"
     return shown
+
+
+class _Silent:
+    """The logger of a process that is not rank 0: it writes nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
