@@ -15,6 +15,7 @@ ALGORITHMS = [
     "relationnet",
     "baseline",
     "baselinepp",
+    "hypernet",
 ]
 
 
