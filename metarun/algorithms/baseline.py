@@ -38,6 +38,7 @@ Usage::
     loss, metrics = algo.meta_train_step(draw(generator))  # the all-class classifier's loss
     loss.backward(); optimizer.step()
     per_task = algo.evaluate(episodes)  # {"loss": [B], "accuracy": [B]}
+    probabilities = algo.query_probabilities(episodes)  # [B, N*Q, N] from the fitted heads
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
-from metarun.algorithms.base import CLASSIFICATION, MetaAlgorithm, task_scores
+from metarun.algorithms.base import CLASSIFICATION, MetaAlgorithm
 from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import LabeledBatch, TaskBatch
 from metarun.errors import ConfigError
@@ -243,13 +244,13 @@ class Baseline(MetaAlgorithm):
                 head[name] = value - self.finetune_lr * velocity[name]
         return head
 
-    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        """The query logits of each task's new head, fitted on its support embeddings (the head's
+        gradients are ``torch.func.grad``'s, so this works under the base class's ``no_grad``)."""
         ways = int(batch.support_y.max()) + 1
         support_features, query_features = self.embed(batch)
         head = self.fit_heads(support_features, batch.support_y, ways)
-        logits = self.head_logits(head, query_features).detach()
-        scores = task_scores(logits, batch.query_y, self.task_type)
-        return {name: value.detach() for name, value in scores.items()}
+        return self.head_logits(head, query_features).detach()
 
 
 def _check_fraction(value: object, key: str) -> float:

@@ -24,6 +24,7 @@ Usage::
     loss, metrics = maml.meta_train_step(batch)
     loss.backward(); optimizer.step()
     per_task = maml.evaluate(batch)  # {"loss": [B], "accuracy": [B]}
+    probabilities = maml.query_probabilities(batch)  # [B, N*Q, N], after adaptation
 """
 
 from __future__ import annotations
@@ -314,16 +315,16 @@ class MAML(MetaAlgorithm):
         modules = self._worker_modules.for_module(self.inner_module, workers)
         return meta_gradient_surrogate(one_task, meta, tasks, shared, modules)
 
-    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        """Query outputs after ``test_inner_steps`` steps on each support set (the base class's
+        ``evaluate`` and ``query_probabilities`` call this under ``no_grad``)."""
         # Detached params: the meta-parameters get no gradient and no graph is kept. The inner
         # gradients (torch.autograd.grad under enable_grad in the loop, torch.func.grad under
         # vmap) ignore a caller's no_grad or inference_mode, so adaptation still happens there.
         meta = {name: p.detach() for name, p in self.meta_parameters().items()}
         with torch.no_grad():
             inputs = self.task_inputs(batch)
-        outputs = self.adapted_query_outputs(meta, inputs, self.test_inner_steps)
-        scores = task_scores(outputs.detach(), batch.query_y, self.task_type)
-        return {name: value.detach() for name, value in scores.items()}
+        return self.adapted_query_outputs(meta, inputs, self.test_inner_steps).detach()
 
 
 def _normal_tensors(values: Any) -> Any:

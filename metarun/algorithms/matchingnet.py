@@ -135,14 +135,16 @@ class MatchingNet(MetricLearner):
         cosines = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)
         return torch.softmax(cosines / self.log_temperature.exp(), dim=-1)
 
-    def query_probabilities(self, batch: TaskBatch) -> Tensor:
-        """``[B, N*Q, N]``: attention-weighted sums of the support labels' one-hot vectors."""
+    def class_probabilities(self, batch: TaskBatch) -> Tensor:
+        """``[B, N*Q, N]``: attention-weighted sums of the support labels' one-hot vectors
+        (differentiable; ``query_probabilities`` is the same without a graph, in float64)."""
         one_hot = F.one_hot(batch.support_y, num_ways(batch))
         return self.attention(batch) @ one_hot.to(batch.support_x.dtype)
 
     def query_outputs(self, batch: TaskBatch) -> Tensor:
         # Log-probabilities as logits: cross-entropy's softmax of log p is p itself (the rows
-        # sum to 1), so the loss is the paper's -log P(y | x, S). The floor keeps a class that
-        # got no attention at all from giving -inf.
+        # sum to 1), so the loss is the paper's -log P(y | x, S), and query_probabilities (a
+        # softmax of these) gives back p. The floor keeps a class that got no attention at all
+        # from giving -inf.
         tiny = torch.finfo(batch.support_x.dtype).tiny
-        return self.query_probabilities(batch).clamp_min(tiny).log()
+        return self.class_probabilities(batch).clamp_min(tiny).log()

@@ -30,10 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from metarun.algorithms.maml import MAML, Params
-from metarun.data.episodes import TaskBatch
 
 
 def rate_key(name: str) -> str:
@@ -77,8 +76,3 @@ class MetaSGD(MAML):
             name: p - meta[f"inner_lrs.{rate_key(name)}"] * grads[name]
             for name, p in params.items()
         }
-
-    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
-        # The rates enter the inner update as constants: no graph is built back to them.
-        with torch.no_grad():
-            return super().evaluate(batch)

@@ -3,7 +3,8 @@
 Prototypical Networks, Matching Networks and Relation Networks learn an embedding and classify a
 query by comparing it with the support set; none adapts any weights per task. So the meta-loss is
 an ordinary forward pass through the backbone's body (``model.features``) and a comparison, and
-``evaluate`` is the same pass without gradients.
+evaluation (``evaluation_outputs``, which ``evaluate`` and ``query_probabilities`` build on) is
+the same pass without gradients.
 
 Batch-norm: the backbones keep no running statistics, so one forward pass normalises with the
 statistics of what it is given. ``embed_episode`` embeds each task's support and query images
@@ -187,8 +188,7 @@ class MetricLearner(MetaAlgorithm):
         metrics = {name: value.detach().mean().item() for name, value in scores.items()}
         return loss, metrics
 
-    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
-        # Nothing is adapted, so the whole evaluation runs without a graph.
-        with torch.no_grad():
-            scores = self.scores(self.query_outputs(batch), batch.query_y)
-        return {name: value.detach() for name, value in scores.items()}
+    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        """The training pass's outputs (nothing is adapted per task); the base class's
+        ``evaluate`` runs it without a graph and scores it as logits."""
+        return self.query_outputs(batch)

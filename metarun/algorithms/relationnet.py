@@ -5,6 +5,9 @@ class's feature map (the sum over its support shots) is concatenated with the qu
 channels, and the relation module (two conv blocks, then two fully connected layers with a
 sigmoid) gives a relation score in (0, 1). Training regresses the scores to the one-hot of the
 query's class with a mean squared error (sec. 3.2); the predicted class is the highest score.
+The scores are not probabilities (they need not sum to 1); where class probabilities are asked
+for (``query_probabilities``, which ``metarun-ensemble`` blends), a query's scores divided by
+their sum are used (see ``evaluation_outputs``).
 
 The relation module needs spatial feature maps, so the embedding is the backbone body without
 the max-pooling of its last ``unpooled_blocks`` blocks (and without its final flatten). The body
@@ -23,6 +26,7 @@ Usage::
     loss, metrics = relation.meta_train_step(batch)
     loss.backward(); optimizer.step()
     scores = relation.relation_scores(batch)  # [B, N*Q, N] in (0, 1)
+    probabilities = relation.query_probabilities(batch)  # the scores over their sum per query
 
 or ``metarun algo=relationnet dataset=omniglot``.
 """
@@ -179,6 +183,27 @@ class RelationNet(MetricLearner):
 
     def query_outputs(self, batch: TaskBatch) -> Tensor:
         return self.relation_scores(batch)
+
+    def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        """The log of the relation scores, in float64: a softmax of them is each query's scores
+        divided by their sum (what ``query_probabilities`` gives).
+
+        Normalised scores rather than a softmax over the scores themselves: scores in (0, 1)
+        would give a softmax at most e / (e + N - 1) for the best class (40% at 5 ways) however
+        sure the relation module is. The log is taken in float64, where distinct float32 scores
+        stay distinct and equal ones equal, so the argmax is the one ``evaluate`` scores; the
+        floor stands in for a score that underflowed to 0 (below every positive float32).
+        """
+        scores = self.relation_scores(batch).double()
+        return scores.clamp_min(torch.finfo(torch.float64).tiny).log()
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        # The paper's loss, the MSE of the scores, is what evaluation reports (cross-entropy of
+        # the normalised scores would be another number); the accuracy is the scores' argmax,
+        # the same as evaluation_outputs'.
+        with torch.no_grad():
+            scores = self.scores(self.relation_scores(batch), batch.query_y)
+        return {name: value.detach() for name, value in scores.items()}
 
     def scores(self, outputs: Tensor, query_y: Tensor) -> dict[str, Tensor]:
         """Per-task MSE to the one-hot targets (the paper's loss) and accuracy from the scores."""
