@@ -15,6 +15,7 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -62,6 +63,7 @@ def _run(cfg: DictConfig) -> float | None:
         from metarun.threads import apply_threads
 
         apply_threads(cfg.get("threads"), hydra_cfg.launcher, multirun)
+        _place_on_gpu(cfg, hydra_cfg, multirun)
 
         from metarun.build import make_trainer
         from metarun.trainer import RunInterrupted
@@ -93,6 +95,21 @@ def _run(cfg: DictConfig) -> float | None:
         raise
     log.info("results: %s", run_dir / "results.json")
     return sweep.objective(results)
+
+
+def _place_on_gpu(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> None:
+    """A job of a parallel sweep on a machine with several GPUs gets its own (threads.py)."""
+    import torch
+
+    from metarun.threads import sweep_device, usable_cores
+
+    if not torch.cuda.is_available():
+        return
+    placed = sweep_device(str(cfg.trainer.device), hydra_cfg.launcher, multirun,
+                          int(hydra_cfg.job.num), torch.cuda.device_count(), usable_cores())
+    if placed is not None:
+        cfg.trainer.device, reason = placed
+        log.info("device: %s (%s)", cfg.trainer.device, reason)
 
 
 def _discard_if_empty(run_dir: Path) -> None:

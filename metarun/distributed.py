@@ -188,6 +188,8 @@ def start(device_type: str) -> Parallel:
     rank, world, _ = launched_world()
     if world <= 1:
         return Parallel()
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        _export_slurm_environment()
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; run one process")
     if not dist.is_initialized():
@@ -198,6 +200,22 @@ def start(device_type: str) -> Parallel:
         dist.init_process_group(backend=backend, timeout=timeout)
     log.info("rank %d of %d (%s)", rank, world, dist.get_backend())
     return Parallel(rank, world)
+
+
+def _export_slurm_environment() -> None:
+    """SLURM started the tasks (``srun``, or the submitit launcher with ``tasks_per_node``):
+    derive torch.distributed's rendezvous (first node, a port from the job id) as submitit
+    does, or say what to set."""
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except Exception as error:  # not a submitit/SLURM job, or a SLURM without its variables
+        raise ConfigError(
+            f"SLURM_NTASKS={os.environ.get('SLURM_NTASKS')} tasks but no MASTER_ADDR/RANK "
+            f"could be derived ({type(error).__name__}); start with torchrun, or install "
+            f"metarun[slurm], or export MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE"
+        ) from error
 
 
 def stop() -> None:

@@ -103,3 +103,32 @@ def apply_threads(requested: int | None, launcher: Mapping[str, Any] | None, mul
     threads = torch.get_num_threads()
     log.info("threads: %d (%s)", threads, choice.reason)
     return threads
+
+
+def sweep_device(device: str, launcher: Mapping[str, Any] | None, multirun: bool,
+                 job_number: int, gpus: int, cores: int) -> tuple[str, str] | None:
+    """The GPU of one job of a parallel sweep on a machine with several: ``(device, reason)``,
+    or None to leave ``trainer.device`` as it is.
+
+    With the joblib launcher, job N takes GPU N mod (the jobs joblib runs at once): jobs running
+    together never share a GPU. More jobs at once than GPUs is refused unless the device is
+    named (``trainer.device=cuda:K`` asks for sharing). submitit's and Ray's workers get their
+    GPUs from SLURM or Ray (CUDA_VISIBLE_DEVICES), so they are left alone.
+    """
+    if not multirun or gpus < 2 or device not in ("auto", "cuda"):
+        return None
+    target = str((launcher or {}).get("_target_", ""))
+    if not target.endswith("JoblibLauncher"):
+        return None
+    assert launcher is not None
+    at_once = joblib_parallel_jobs(launcher.get("n_jobs"), cores)
+    if at_once > gpus:
+        from metarun.errors import ConfigError
+
+        raise ConfigError(
+            f"hydra.launcher.n_jobs runs {at_once} jobs at once on {gpus} GPUs, so two would "
+            f"share one; set hydra.launcher.n_jobs={gpus}, or trainer.device=cuda:0 to share "
+            f"on purpose"
+        )
+    slot = job_number % at_once
+    return f"cuda:{slot}", f"joblib job {job_number}: GPU {slot} of {gpus}"

@@ -305,3 +305,21 @@ def test_slurm_sweep_submits_our_settings_and_runs_each_job(tmp_path, fake_slurm
         assert "run folder:" in (logs / f"{job_id}_{task}_0_log.out").read_text()
         assert (logs / f"{job_id}_{task}_0_result.pkl").is_file()
     assert not (state / "scancel.log").exists()
+
+
+def test_parallel_sweep_jobs_get_their_own_gpu_and_never_share_one_unasked():
+    from metarun.errors import ConfigError
+    from metarun.threads import sweep_device
+
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+              "n_jobs": 4}
+    placed = [sweep_device("auto", joblib, True, job, gpus=4, cores=16)[0] for job in range(8)]
+    assert placed == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] * 2
+    with pytest.raises(ConfigError, match="4 jobs at once on 2 GPUs.*n_jobs=2"):
+        sweep_device("cuda", joblib, True, 0, gpus=2, cores=16)
+    assert sweep_device("cuda:1", joblib, True, 0, gpus=2, cores=16) is None  # asked to share
+    assert sweep_device("auto", joblib, False, 0, gpus=4, cores=16) is None  # a single run
+    assert sweep_device("auto", joblib, True, 3, gpus=1, cores=16) is None  # one GPU
+    submitit = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                            "SlurmLauncher"}
+    assert sweep_device("auto", submitit, True, 3, gpus=4, cores=16) is None  # SLURM places it
