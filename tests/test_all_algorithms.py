@@ -16,6 +16,7 @@ ALGORITHMS = [
     "baseline",
     "baselinepp",
     "hypernet",
+    "metalstm",
 ]
 
 
