@@ -26,6 +26,7 @@ from metarun.config import validate
 from metarun.data.episodes import EpisodeSampler
 from metarun.errors import CheckpointError, ConfigError, MetarunError
 from metarun.logging import flat_hparams
+from metarun.precision import check_precision
 from metarun.resume import RECORDED_GROUPS, resumed_config, saved_choices
 from metarun.trainer import Trainer, TrainerSettings
 
@@ -49,6 +50,7 @@ class Components:
 def build(cfg: DictConfig) -> Components:
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
+    check_precision(_precision(cfg), device)  # before the data loads
     torch.manual_seed(cfg.seed)
     dataset = _instantiate(cfg.dataset, "dataset")
     task = cfg.task
@@ -144,6 +146,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> Tra
         eval_batch_size=cfg.trainer.eval_batch_size,
         progress=cfg.trainer.progress,
         skip_non_finite=cfg.trainer.skip_non_finite,
+        precision=_precision(cfg),
     )
     run_info["task"] = OmegaConf.to_container(cfg.task)
     run_info["seed"] = cfg.seed
@@ -189,6 +192,11 @@ def _load_resume_state(last: Path) -> dict[str, Any]:
             state["iteration"],
         )
         return state
+
+
+def _precision(cfg: DictConfig) -> str:
+    """trainer.precision; float32 for a config saved before it existed (a resumed run's)."""
+    return str(cfg.trainer.get("precision", "fp32"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -39,6 +39,10 @@ class TaskConfig:
     meta_batch_size: int = 32
 
 
+#: trainer.precision's values (metarun/precision.py says what each does).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainerConfig:
     max_iters: int = 60000
@@ -51,6 +55,8 @@ class TrainerConfig:
     device: str = "auto"
     progress: bool = True
     skip_non_finite: bool = False
+    #: fp32, or bf16 / fp16 autocast (fp16 with loss scaling): metarun/precision.py.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -171,6 +177,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.device={cfg.trainer.device!r} is not a device; use auto, cpu or cuda[:N]"
         )
+    precision = cfg.trainer.get("precision", "fp32")  # configs saved before it: float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not allowed: use fp32, bf16 or fp16")
 
 
 #: The schedules' keys (configs/scheduler/) and their checks: a schedule is built only after the

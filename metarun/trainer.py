@@ -30,6 +30,7 @@ from metarun.data.episodes import EpisodeSampler, TaskBatch
 from metarun.distributed import Parallel
 from metarun.errors import MetarunError
 from metarun.logging import RunLogger, format_metric, mean_and_ci95, write_json
+from metarun.precision import Precision
 
 log = logging.getLogger("metarun")
 
@@ -63,6 +64,8 @@ class TrainerSettings:
     eval_batch_size: int
     progress: bool = True
     skip_non_finite: bool = False
+    #: fp32, bf16 or fp16 (metarun/precision.py).
+    precision: str = "fp32"
 
 
 class Trainer:
@@ -96,6 +99,8 @@ class Trainer:
         self.hparams = hparams or {}
         #: Where this process stands in a torch.distributed run (one process: Parallel()).
         self.parallel = parallel or Parallel()
+        #: Autocast for the forward passes and, for fp16, the loss scaler.
+        self.precision = Precision(settings.precision, device)
         self.agreed_stop: int | None = None
         self.train_generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
@@ -133,6 +138,7 @@ class Trainer:
             "window_skipped": self.window_skipped,
             "skipped_batches": self.skipped_batches,
             "pending_validation": self.pending_validation,
+            "precision": self.precision.state(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -155,6 +161,7 @@ class Trainer:
         self.window_skipped = int(state["window_skipped"])
         self.skipped_batches = int(state["skipped_batches"])
         self.pending_validation = bool(state["pending_validation"])
+        self.precision.restore(state.get("precision"))  # none before precisions existed
 
     # ----------------------------------------------------------------------------- phases
     def run(self) -> dict[str, Any]:
@@ -212,21 +219,24 @@ class Trainer:
             self._stop_if_asked(agreed=True)
             # Every process draws the whole meta-batch (the same one) and keeps its share.
             batch, share = self.parallel.shard(self.training_batches(self.train_generator))
-            loss, metrics = self.algorithm.meta_train_step(batch.to(self.device))
+            with self.precision.forward():
+                loss, metrics = self.algorithm.meta_train_step(batch.to(self.device))
             self.iteration += 1
             self.agreed_stop, any_non_finite = self.parallel.agree(
                 self.stop_signal, not torch.isfinite(loss.detach()).item())
-            finite = not any_non_finite
+            finite = stepped = not any_non_finite
             if not finite:
                 self._non_finite(loss)
                 metrics = {}
             else:
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.precision.backward(loss)
+                # fp16: the scaled gradients are reduced, so every rank's scaler sees the same
+                # ones and skips (an overflow: not a non-finite loss) or steps with the others.
                 self.parallel.reduce_gradients(self.algorithm.parameters(), share)
-                self.optimizer.step()
+                stepped = self.precision.step(self.optimizer)
                 metrics = self.parallel.reduce_metrics(metrics, share)
-            self._advance_schedule(skipped=not finite)
+            self._advance_schedule(skipped=not stepped)
             for name, value in metrics.items():
                 self.window[name] = self.window.get(name, 0.0) + value
             self.window_count += 1
@@ -244,7 +254,8 @@ class Trainer:
         bar.close()
 
     def _advance_schedule(self, skipped: bool) -> None:
-        """One schedule step per meta-iteration, a skipped non-finite batch's included.
+        """One schedule step per meta-iteration, a skipped non-finite batch's (or fp16 step's)
+        included.
 
         ``step_size`` and ``T_max`` count meta-iterations as ``max_iters`` and ``val_every`` do,
         skipped ones too, so the learning rate is a function of the iteration alone: skipped
@@ -274,6 +285,7 @@ class Trainer:
         averaged["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.skip_non_finite:
             averaged["skipped_batches"] = float(self.skipped_batches)
+        averaged.update(self.precision.log_values())
         self.logger.scalars("meta_train", averaged, self.iteration)
         self.window, self.window_count, self.window_skipped = {}, 0, 0
         return averaged
@@ -391,7 +403,8 @@ class Trainer:
             for index, batch in enumerate(batches):
                 if self.parallel.mine(index):
                     self._stop_if_asked()
-                    metrics = self.algorithm.evaluate(batch.to(self.device))
+                    with self.precision.autocast():
+                        metrics = self.algorithm.evaluate(batch.to(self.device))
                     local.append((index, {name: values.double().cpu().tolist()
                                           for name, values in metrics.items()}))
                 bar.update(batch.meta_batch_size)

@@ -12,7 +12,9 @@ behind the code's choices", "Task drivers").
 Two things are not safe to share between threads and are handled here: ``torch.func``'s
 transforms (so a worker's inner loop uses ``torch.autograd.grad``: see ``MAML.support_grads``)
 and ``functional_call`` on one module (it swaps the module's parameters in place), so each
-worker runs its own copy of the adapted module, with the real parameters passed in.
+worker runs its own copy of the adapted module, with the real parameters passed in. Two
+thread-local settings of the caller are carried into the workers: grad mode and autocast
+(``metarun.execution.precision``: a bf16/fp16 run's per-task work is autocast too).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from metarun.execution.executed import execution_copy, follow_modes
 from metarun.execution.plain_norm import batch_norm_in_plain_ops
+from metarun.execution.precision import autocast_enabled, caller_autocast
 
 Result = TypeVar("Result")
 
@@ -63,13 +66,18 @@ def vmap_is_exact(model: nn.Module, first_order: bool) -> bool:
 
 
 def vmap_context(first_order: bool) -> AbstractContextManager[Any]:
-    """What a vmap driver runs its forward passes in: batch-norm in plain ops for second order.
+    """What a vmap driver runs its forward passes in: batch-norm in plain ops for second order,
+    and under autocast.
 
     The fused batch-norm's double backward is wrong under vmap (pytorch/functorch#534); the
     plain-ops version (``metarun.execution.plain_norm``) is exact but slower, so first order, where
-    the fused kernel is right, keeps it.
+    the fused kernel is right, keeps it. Under autocast (bf16/fp16 runs) the fused kernel's
+    gradient under vmap fails outright on a low-precision input with float32 affine weights
+    (torch 2.13: "expected scalar type BFloat16 but found Float"), while the plain ops promote.
     """
-    return nullcontext() if first_order else batch_norm_in_plain_ops()
+    if first_order and not autocast_enabled():
+        return nullcontext()
+    return batch_norm_in_plain_ops()
 
 
 def prefers_loop(model: nn.Module, first_order: bool) -> bool:
@@ -141,7 +149,8 @@ def run_tasks(
     results come back in task order whichever thread ran each task, so a caller summing them in
     that order gets the same numbers every time. torch's intra-op threads are set to 1 for the
     duration (restored after), so the workers don't oversubscribe the cores. Each worker, and
-    the calling thread when there is one module, sees its module as ``worker_module()``.
+    the calling thread when there is one module, sees its module as ``worker_module()``, and
+    runs with the caller's grad mode and autocast settings.
     """
     workers = len(modules)
     if workers == 1:
@@ -153,7 +162,10 @@ def run_tasks(
     results: list[Result | None] = [None] * tasks
     next_task = itertools.count()
     lock = threading.Lock()
-    grad_enabled = torch.is_grad_enabled()  # thread-local: the workers take the caller's
+    # Thread-local, so the workers take the caller's: grad mode, and autocast (entered per task,
+    # so its cache of casted leaves is freed with each task's leaves).
+    grad_enabled = torch.is_grad_enabled()
+    autocast = caller_autocast()
 
     def in_worker(index: int) -> None:
         _local.module = modules[index]
@@ -164,7 +176,8 @@ def run_tasks(
                     task = next(next_task)
                 if task >= tasks:
                     return
-                results[task] = work(range(task, task + 1))
+                with autocast():
+                    results[task] = work(range(task, task + 1))
         finally:
             _local.module = None
 

@@ -20,17 +20,23 @@ meta-step.
 Inputs that a shared module computed for every task (ANIL's body features) enter each task the
 same way, as detached leaves; their gradients come back stacked and the surrogate sends them
 through that module once for the whole batch.
+
+Under fp16 loss scaling each task's loss is differentiated scaled and its gradients unscaled
+(``metarun.execution.precision.scaled_task_losses``): the task's float16 backward, where the
+scale is needed, runs here inside the meta-step, before the trainer's scaler gets the loss.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metarun.execution import drivers
+from metarun.execution.precision import loss_scale
 
 Params = dict[str, Tensor]
 #: ``task_scores(meta, task, shared)``: one task's scores (``"loss"`` among them, each of shape
@@ -62,6 +68,7 @@ def meta_gradient_surrogate(
     shared_detached = [x.detach() for x in shared]
     names = [name for name, p in meta_params.items() if p.requires_grad]
     totals = InOrderSum(len(names))
+    scale = loss_scale()  # read here: it is the calling thread's
 
     def work(indices: range) -> list[tuple[list[Tensor | None], dict[str, Tensor]]]:
         results = []
@@ -71,11 +78,14 @@ def meta_gradient_surrogate(
             # Like torch.func.grad in an inner loop, this works under a caller's no_grad.
             with torch.enable_grad():
                 scores = task_scores(leaves, i, shared_leaves)
+                task_loss = scores["loss"].sum() / tasks
                 grads = torch.autograd.grad(
-                    scores["loss"].sum() / tasks,
+                    task_loss if scale == 1.0 else task_loss * scale,
                     [*(leaves[name] for name in names), *shared_leaves],
                     allow_unused=True,
                 )
+            if scale != 1.0:
+                grads = tuple(None if g is None else g / scale for g in grads)
             totals.add(i, grads[: len(names)])
             results.append((list(grads[len(names) :]), {k: v.detach() for k, v in scores.items()}))
         return results
@@ -89,20 +99,28 @@ def meta_gradient_surrogate(
         for k, x in enumerate(shared_detached)
     ]
     scores = {key: torch.cat([s[key] for _, s in per_task]) for key in per_task[0][1]}
-    mean_loss = scores["loss"].mean()
-    surrogate = sum(
-        (
-            (meta_params[name] * g).sum()
-            for name, g in zip(names, totals.totals, strict=True)
-            if g is not None
-        ),
-        mean_loss.new_zeros(()),
-    )
-    surrogate = surrogate + sum((x * g).sum() for x, g in zip(shared, shared_grads, strict=True))
-    # Its value is the meta-loss (the trainer's non-finite guard and any caller read the real
-    # number), its gradient the summed meta-gradient.
-    surrogate = surrogate - surrogate.detach() + mean_loss
+    inputs = [meta_params[name] for name in names] + list(shared)
+    surrogate = _Surrogate.apply(scores["loss"].mean(), [*totals.totals, *shared_grads], *inputs)
     return surrogate, scores
+
+
+class _Surrogate(torch.autograd.Function):
+    """Its value is the meta-loss (the trainer's non-finite guard and any caller read the real
+    number), its gradient with respect to each input the given one (times the upstream one).
+
+    The value never depends on the gradients: an fp16 task backward that overflowed leaves
+    ``inf`` in the gradient for the loss scaler to find, while the loss stays finite.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, grads: list[Tensor | None], *inputs: Tensor) -> Tensor:
+        ctx.grads = grads
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
+        grads = [None if g is None else g * upstream for g in ctx.grads]
+        return (None, None, *grads)
 
 
 class InOrderSum:
