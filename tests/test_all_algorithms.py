@@ -17,6 +17,8 @@ ALGORITHMS = [
     "baselinepp",
     "hypernet",
     "metalstm",
+    "mann",
+    "snail",
 ]
 
 
