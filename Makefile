@@ -2,6 +2,8 @@
 # package (re)installed when pyproject.toml changes. Override PYTHON or TORCH as needed, e.g.
 # `make run TORCH=torch` for the newest build with CUDA.
 PYTHON ?= python3
+# Test processes (pytest-xdist); most tests run the CLI in a subprocess on one core.
+TEST_WORKERS ?= 2
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
@@ -21,7 +23,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
