@@ -127,10 +127,9 @@ class SequenceLearner(MetaAlgorithm):
         executed = self._executed.for_module(body, 1)[0]
         return run_copy(executed, body, dict(body.named_parameters()), x).flatten(1)
 
-    def sequence_outputs(self, batch: TaskBatch, generator: torch.Generator) -> tuple[
-        EpisodeSequence, Tensor
-    ]:
-        sequence = episode_sequence(batch, self.ways, generator)
+    def sequence_outputs(self, batch: TaskBatch, generator: torch.Generator,
+                         one_order: bool = False) -> tuple[EpisodeSequence, Tensor]:
+        sequence = episode_sequence(batch, self.ways, generator, one_order)
         shots = sequence.support_x.shape[1]
         images = torch.cat([sequence.support_x, sequence.query_x], dim=1)
         embedded = self.embedding_norm(embed_tasks(self.run_body, images, self.fold))
@@ -153,8 +152,10 @@ class SequenceLearner(MetaAlgorithm):
         return loss, metrics
 
     def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
+        # One fixed order for every task: a task's predictions depend on the task alone, not on
+        # its place in the meta-batch (the super learner draws tasks one at a time).
         generator = torch.Generator().manual_seed(self.order_seed + 1)
-        sequence, logits = self.sequence_outputs(batch, generator)
+        sequence, logits = self.sequence_outputs(batch, generator, one_order=True)
         return logits[:, sequence.support_y.shape[1] :]
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -78,16 +78,20 @@ class EpisodeSequence:
         return torch.cat([self.support_y, self.query_y], dim=1)
 
 
-def episode_sequence(batch: TaskBatch, ways: int, generator: torch.Generator) -> EpisodeSequence:
+def episode_sequence(batch: TaskBatch, ways: int, generator: torch.Generator,
+                     one_order: bool = False) -> EpisodeSequence:
     """The tasks of ``batch`` as sequences (see the module's docstring), support order drawn from
-    ``generator`` (a CPU generator; the permutation is moved to the batch's device)."""
+    ``generator`` (a CPU generator; the permutation is moved to the batch's device): one order
+    per task, or with ``one_order`` the same drawn order for every task (evaluation, so that a
+    task's sequence does not depend on its place in the batch)."""
     support_y = batch.support_y
     if support_y.is_floating_point():
         raise ValueError("episode sequences need class labels, not regression targets")
     if int(support_y.max()) >= ways or int(batch.query_y.max()) >= ways:
         raise ValueError(f"labels must lie in [0, {ways}) for a {ways}-way sequence")
     tasks, shots = support_y.shape
-    order = torch.rand(tasks, shots, generator=generator).argsort(dim=1).to(support_y.device)
+    keys = torch.rand(1 if one_order else tasks, shots, generator=generator)
+    order = keys.argsort(dim=1).expand(tasks, shots).to(support_y.device)
     support_x = batch.support_x.gather(1, _expand_like(order, batch.support_x))
     support_y = support_y.gather(1, order)
     dtype = batch.support_x.dtype if batch.support_x.is_floating_point() else torch.float32
