@@ -3,13 +3,14 @@
 Each rank computes MAML's float64 meta-loss on its share of one meta-batch of 5 tasks (3 and 2
 on two ranks: the weights are unequal), the shares' gradients are summed by
 ``Parallel.reduce_gradients``, and rank 0 compares them with one process's gradients on the
-whole batch. Prints one JSON line per rank.
+whole batch. Writes grad-rank<N>.json per rank in the working folder.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,8 @@ whole_loss.backward()
 difference = max(float((p.grad - q.grad).abs().max())
                  for p, q in zip(algorithm.parameters(), whole.parameters(), strict=True))
 scale = max(float(q.grad.abs().max()) for q in whole.parameters())
-print(json.dumps({"rank": parallel.rank, "world": parallel.world_size,
-                  "tasks": shard.support_x.shape[0],
-                  "share": share, "max_abs_difference": difference, "gradient_scale": scale}))
+report = {"rank": parallel.rank, "world": parallel.world_size, "tasks": shard.support_x.shape[0],
+          "share": share, "max_abs_difference": difference, "gradient_scale": scale}
+# A file per rank: two processes printing at once can interleave their lines.
+Path(f"grad-rank{parallel.rank}.json").write_text(json.dumps(report), encoding="utf-8")
 dist.destroy_process_group()
