@@ -5,7 +5,6 @@ process of a distributed run skips the same steps."""
 from __future__ import annotations
 
 import json
-import signal
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from metarun.config import register_configs
 from metarun.trainer import RunInterrupted
 from tests.runs import read_scalars
 from tests.test_distributed import REPO, finished, torchrun
+from tests.test_scheduler import _interrupt_after
 
 #: bf16/fp16 sinusoid MAML ends within 10% of float32's meta-test MSE after the same 200
 #: iterations (measured: within 1% for bf16, 3% for fp16, while training halves the MSE).
@@ -65,19 +65,6 @@ def _big_scale(trainer, init_scale: float, growth_interval: int = 2000) -> None:
     trainer.precision.scaler = torch.amp.GradScaler(
         "cpu", init_scale=init_scale, growth_interval=growth_interval
     )
-
-
-def _interrupt_after(trainer, iteration: int) -> None:
-    real_step = trainer.algorithm.meta_train_step
-    calls = {"count": 0}
-
-    def step(batch):
-        calls["count"] += 1
-        if calls["count"] == iteration:
-            trainer.stop_signal = signal.SIGTERM
-        return real_step(batch)
-
-    trainer.algorithm.meta_train_step = step
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
