@@ -88,6 +88,12 @@ class Precision:
     def backward(self, loss: Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the (reduced) gradients by the loss scale now, so a gradient clip sees the true
+        ones; ``step`` then does not unscale again. An inf/NaN found here still skips the step."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """The optimizer step on the (reduced) gradients; False where fp16 skipped it."""
         if self.scaler is None:

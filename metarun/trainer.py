@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -229,13 +230,11 @@ class Trainer:
                 self._non_finite(loss)
                 metrics = {}
             else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.precision.backward(loss)
-                # fp16: the scaled gradients are reduced, so every rank's scaler sees the same
-                # ones and skips (an overflow: not a non-finite loss) or steps with the others.
-                self.parallel.reduce_gradients(self.algorithm.parameters(), share)
-                stepped = self.precision.step(self.optimizer)
+                stepped, norm = meta_update(loss, share, self.algorithm, self.optimizer,
+                                            self.precision, self.parallel)
                 metrics = self.parallel.reduce_metrics(metrics, share)
+                if norm is not None and math.isfinite(norm):  # an fp16 overflow has no norm
+                    metrics["meta_grad_norm"] = norm
             self._advance_schedule(skipped=not stepped)
             for name, value in metrics.items():
                 self.window[name] = self.window.get(name, 0.0) + value
@@ -440,6 +439,43 @@ def _configuration_id(hparams: dict[str, Any]) -> str:
     settings = {key: value for key, value in hparams.items() if key != "seed"}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return digest[:12]
+
+
+def meta_update(loss: Tensor, share: float, algorithm: MetaAlgorithm,
+                optimizer: torch.optim.Optimizer, precision: Precision,
+                parallel: Parallel) -> tuple[bool, float | None]:
+    """One optimizer step from this process's meta-loss on its ``share`` of the meta-batch:
+    whether it was taken (fp16 skips overflowing steps) and the norm ``clip_meta_gradient`` saw.
+
+    fp16: the scaled gradients are reduced, so every rank's scaler sees the same ones and skips
+    (an overflow: not a non-finite loss) or steps with the others. The clip comes after the
+    reduction and the unscale, so it bounds the whole meta-batch's true gradient.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    parallel.reduce_gradients(algorithm.parameters(), share)
+    norm = clip_meta_gradient(algorithm, optimizer, precision)
+    return precision.step(optimizer), norm
+
+
+def clip_meta_gradient(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer,
+                       precision: Precision) -> float | None:
+    """Clip the gradients to the algorithm's ``meta_grad_clip`` as ``clip_grad_norm_`` does, and
+    return their global norm before clipping (None: the algorithm asks for no clip).
+
+    Called on the summed gradients of every process (each rank clips the same ones: the update is
+    one process's with the whole meta-batch) and, under fp16, after the loss scale is divided out,
+    so the bound applies to the true meta-gradient. An inf/NaN gradient gives an infinite or NaN
+    norm; the scaler has already seen it and skips the step.
+    """
+    max_norm = algorithm.meta_grad_clip
+    if max_norm is None:
+        return None
+    precision.unscale(optimizer)
+    gradients = [p for p in algorithm.parameters() if p.grad is not None]
+    if not gradients:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(gradients, max_norm))
 
 
 def episode_batches(

@@ -72,6 +72,22 @@ def test_sharded_meta_gradients_equal_one_process_in_float64(tmp_path):
         assert rank["max_abs_difference"] < 1e-10
 
 
+def test_the_clipped_meta_gradient_is_the_whole_batchs_on_two_processes(tmp_path):
+    """Meta-LSTM's clip is the trainer's, after the all-reduce: two ranks make the update of one
+    process clipping the whole meta-batch's gradient (float64)."""
+    code, _, err = finished(torchrun(str(REPO / "tests" / "distributed_clip_worker.py"),
+                                     cwd=tmp_path))
+    assert code == 0, err[-3000:]
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("clip-rank*.json"))]
+    assert sorted((rank["rank"], rank["tasks"]) for rank in ranks) == [(0, 3), (1, 2)]
+    for rank in ranks:
+        assert rank["norm"] == pytest.approx(rank["whole_norm"], rel=1e-12)
+        assert rank["norm"] > 10 * 1e-3  # the bound (1e-3) does clip
+        assert rank["max_abs_difference"] < 1e-12
+        # Clipping each rank's share before the sum gives another update: the test can tell.
+        assert rank["per_rank_clip_difference"] > 1e-5
+
+
 def test_two_processes_match_one_and_only_rank_zero_writes(tmp_path):
     tiny = [*SINUSOID_TINY, "task.meta_batch_size=4", "threads=1"]
     check_ok(run_metarun(*tiny, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path))

@@ -2,8 +2,8 @@
 
 References are independent of the module's code: the SGD step of a linear softmax classifier is
 written out by hand ((softmax - onehot)^T x / n), meta-gradients are checked against central
-finite differences of the meta-loss, clipping against ``torch.nn.utils.clip_grad_norm_``. Learning
-the real Omniglot is tests/test_metalstm_learning.py.
+finite differences of the meta-loss, the trainer's clip against the surrogate clip it replaced
+(itself ``clip_grad_norm_``'s rule). Learning the real Omniglot is tests/test_metalstm_learning.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from torch import Tensor, nn
 
 from metarun.algorithms.metalstm import MetaLSTM, preprocess
 from metarun.data.episodes import TaskBatch
+from metarun.distributed import Parallel
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
+from metarun.precision import Precision
+from metarun.trainer import meta_update
 
 WAYS, SHOTS, QUERIES, FEATURES = 3, 2, 2, 4
 IMAGE = (1, 16, 16)
@@ -198,23 +201,54 @@ def test_meta_gradient_reaches_the_lstm_layers_and_c0() -> None:
     assert any(name.startswith("model.features") for name in grads)  # c_0 includes the body
 
 
-def test_meta_gradient_is_clipped_like_clip_grad_norm() -> None:
+def surrogate_clip_update(algo: MetaLSTM, batch: TaskBatch, max_norm: float, lr: float) -> float:
+    """The update Meta-LSTM made before the trainer clipped: the meta-train step returned a
+    surrogate of the loss whose gradient is the clipped one, then a plain SGD step. Returns the
+    norm before clipping."""
+    loss, _ = algo.meta_train_step(batch)
+    params = [p for p in algo.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    surrogate = sum((p * (g * scale)).sum() for p, g in zip(params, grads, strict=True))
+    algo.zero_grad(set_to_none=True)
+    (loss.detach() + (surrogate - surrogate.detach())).backward()
+    torch.optim.SGD(params, lr=lr).step()
+    return norm.item()
+
+
+def trainer_update(algo: MetaLSTM, batch: TaskBatch, lr: float) -> float | None:
+    """The trainer's update: backward, the (one-process) reduction, its clip, the step."""
+    optimizer = torch.optim.SGD(algo.parameters(), lr=lr)
+    loss, metrics = algo.meta_train_step(batch)
+    assert "meta_grad_norm" not in metrics  # the algorithm no longer measures or clips it
+    stepped, norm = meta_update(loss, 1.0, algo, optimizer, Precision(), Parallel())
+    assert stepped
+    return norm
+
+
+def test_the_trainers_clip_makes_the_update_of_the_surrogate_clip_it_replaced() -> None:
     batch = make_batch(IMAGE, seed=5)
     plain = conv_algo(seed=1)
     reference = autograd_meta_gradient(plain, batch)
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in reference.values()])).item()
-    max_norm = norm / 4
-    clipped = conv_algo(seed=1, meta_grad_clip=max_norm)
-    clipped.zero_grad(set_to_none=True)
-    loss, metrics = clipped.meta_train_step(batch)
-    loss.backward()
-    assert loss.item() == pytest.approx(plain.meta_train_step(batch)[0].item(), rel=1e-12)
-    assert metrics["meta_grad_norm"] == pytest.approx(norm, rel=1e-10)
-    for name, p in plain.named_parameters():
-        p.grad = reference[name]
-    torch.nn.utils.clip_grad_norm_(list(plain.parameters()), max_norm)
-    for (name, p), q in zip(plain.named_parameters(), clipped.parameters(), strict=True):
-        assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-12), name
+    max_norm, lr = norm / 4, 0.5
+    before = conv_algo(seed=1, meta_grad_clip=max_norm)
+    after = conv_algo(seed=1, meta_grad_clip=max_norm)
+    start = {name: p.detach().clone() for name, p in before.named_parameters()}
+    assert surrogate_clip_update(before, batch, max_norm, lr) == pytest.approx(norm, rel=1e-12)
+    assert trainer_update(after, batch, lr) == pytest.approx(norm, rel=1e-12)
+    moved = 0.0
+    for (name, p), q in zip(before.named_parameters(), after.parameters(), strict=True):
+        assert torch.allclose(q, p, rtol=0, atol=1e-15), name
+        moved = max(moved, (p - start[name]).abs().max().item())
+    assert moved > 1e-4  # a real, clipped step: |step| = lr * max_norm at most
+    # Without a bound the trainer clips nothing and reports no norm.
+    unclipped = conv_algo(seed=1)
+    assert trainer_update(unclipped, batch, lr) is None
+    assert any(not torch.allclose(p, q) for p, q in zip(unclipped.parameters(),
+                                                         after.parameters(), strict=True))
 
 
 def test_permuting_a_tasks_labels_permutes_its_outputs() -> None:

@@ -32,6 +32,11 @@ class MetaAlgorithm(nn.Module):
 
     #: CLASSIFICATION or REGRESSION: decides the loss, the metrics and which way "best" points.
     task_type: str
+    #: The meta-gradient's global norm is clipped to this before each optimizer step (None: never).
+    #: The trainer clips, after the gradients of every process are summed and an fp16 loss scale
+    #: is taken off, so the clipped gradient is the whole meta-batch's (see
+    #: ``metarun.trainer.clip_meta_gradient``); an algorithm only declares the bound.
+    meta_grad_clip: float | None = None
 
     def __init__(self, task_type: str) -> None:
         super().__init__()

@@ -24,10 +24,11 @@ computed on detached copies of ``θ_{t-1}`` and never differentiated through (th
 contributions to the gradients aren't important and can be ignored", which avoids second
 derivatives, as Andrychowicz et al. do; the code takes them from a separate copy of the net).
 ``θ_{t-1}`` as a gate input is not detached. The meta-gradient's global norm is clipped at
-``meta_grad_clip`` (0.25 in the code) before the trainer's optimizer step: the returned loss is a
-surrogate whose gradient is the clipped one. Under torch.distributed every process clips the
-gradient of its own share of the meta-batch before the shares are summed, which is not the clipped
-gradient of the whole meta-batch (the paper's meta-batch is one episode).
+``meta_grad_clip`` (0.25 in the code) before the optimizer step. The trainer clips
+(``MetaAlgorithm.meta_grad_clip``, ``metarun.trainer.clip_meta_gradient``), after the gradients of
+every process are summed and any fp16 loss scale is divided out, so under torch.distributed the
+clipped gradient is the whole meta-batch's, as in one process; its norm before clipping is logged
+as ``meta_grad_norm``. ``meta_train_step`` returns the plain meta-loss.
 
 Batch-norm: every support gradient and the query pass use the statistics of the batch they are
 given (``metarun.models.conv4`` keeps no running statistics), in meta-training and evaluation
@@ -43,8 +44,9 @@ builds its graph on the same ``nn.Parameter`` leaves, see docs/RELIABILITY.md's 
 Usage::
 
     metalstm = MetaLSTM(Conv4((1, 28, 28), 5), "classification", inner_steps=12)
-    loss, metrics = metalstm.meta_train_step(batch)  # surrogate with the clipped meta-gradient
-    loss.backward(); optimizer.step()                # optimizer over metalstm.parameters()
+    loss, metrics = metalstm.meta_train_step(batch)
+    loss.backward()                                  # the trainer clips before its step:
+    clip_grad_norm_(metalstm.parameters(), metalstm.meta_grad_clip); optimizer.step()
     per_task = metalstm.evaluate(batch)              # {"loss": [B], "accuracy": [B]}
 
 or ``metarun algo=metalstm dataset=omniglot``.
@@ -100,7 +102,7 @@ class MetaLSTM(MetaAlgorithm):
     meta-learner cell's ``forget_weight``, ``forget_bias``, ``input_weight``, ``input_bias``.
     ``test_inner_steps`` (default: ``inner_steps``) is used in evaluation; the paper trains for
     the number of updates it tests with. ``meta_grad_clip`` (or null) bounds the meta-gradient's
-    norm. Any backbone with parameters; classification or regression.
+    norm; the trainer applies it. Any backbone with parameters; classification or regression.
     """
 
     def __init__(
@@ -220,24 +222,7 @@ class MetaLSTM(MetaAlgorithm):
         scores = task_scores(outputs, batch.query_y, self.task_type)
         loss = scores["loss"].mean()
         metrics = {name: value.detach().mean().item() for name, value in scores.items()}
-        if self.meta_grad_clip is not None:
-            loss, norm = self._clipped(loss, self.meta_grad_clip)
-            metrics["meta_grad_norm"] = norm
         return loss, metrics
-
-    def _clipped(self, loss: Tensor, max_norm: float) -> tuple[Tensor, float]:
-        """A surrogate of ``loss`` (same value) whose gradient is ``loss``'s with its global norm
-        scaled down to ``max_norm`` where it is larger (as ``torch.nn.utils.clip_grad_norm_``),
-        and the norm before clipping."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = zip(params, grads, strict=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in pairs]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        surrogate = sum((p * (g * scale)).sum() for p, g in zip(params, grads, strict=True))
-        assert isinstance(surrogate, Tensor)
-        return loss.detach() + (surrogate - surrogate.detach()), norm.item()
 
     def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
         # No graph is built back to the meta-parameters; the support gradients are taken on
