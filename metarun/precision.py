@@ -14,9 +14,13 @@ diverging run, so it is never reported as a non-finite loss (a non-finite *loss*
 several processes the scaled gradients are all-reduced before the scaler looks at them, so every
 rank sees the same gradients, finds the same overflow and keeps the same scale.
 
-MAML's inner-loop support gradients (``torch.autograd.grad`` inside ``adapt``) are taken of the
-unscaled support loss: under fp16 they may lose small values, so bf16 is the one to prefer where
-the hardware has it (any recent GPU, and CPUs).
+MAML's inner-loop support gradients (``MAML.support_grads``, also Meta-SGD's, ANIL's and
+Reptile's) are loss-scaled the same way inside the meta-step. Their overflow makes the meta-loss
+itself non-finite (the adapted parameters are), so a non-finite meta-loss of a step that scaled an
+inner loss by more than 1 is taken for the scaler's overflow: the step is skipped and the scale
+lowered exactly as for an overflowing gradient (a run that really diverges stops once the scale
+is down to 1). Evaluation's inner loops are not scaled. bf16 needs none of this and is the one
+to prefer where the hardware has it (any recent GPU, and CPUs).
 """
 
 from __future__ import annotations
@@ -82,8 +86,29 @@ class Precision:
         """The meta-training forward's context: autocast, and for fp16 the scale that per-task
         backward passes inside the step use."""
         scale = 1.0 if self.scaler is None else self.scaler.get_scale()
-        with self.autocast(), scaled_task_losses(scale):
+        with self.autocast(), scaled_task_losses(scale) as scope:
+            self._last_forward = scope
             yield
+
+    @property
+    def inner_overflow_possible(self) -> bool:
+        """Whether the last ``forward`` scaled an inner-loop loss up (fp16, scale above 1), so
+        that a non-finite meta-loss may be the scale's overflow rather than a diverging run."""
+        scope = getattr(self, "_last_forward", None)
+        return scope is not None and scope.inner_overflow_possible
+
+    def skip_overflow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip this step and lower the scale exactly as the scaler does for an overflowing
+        gradient (through the scaler's own path: a NaN gradient it finds), for a meta-loss that
+        an inner-loop gradient's overflow made non-finite before any gradient existed."""
+        assert self.scaler is not None, "only fp16 scales, and so overflows"
+        optimizer.zero_grad(set_to_none=True)
+        first = optimizer.param_groups[0]["params"][0]
+        self.scaler.scale(torch.zeros((), device=first.device))  # a fresh scaler sets up its scale
+        first.grad = torch.full_like(first, float("nan"))
+        stepped = self.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        assert not stepped, "the scaler took a step on a NaN gradient"
 
     def backward(self, loss: Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()

@@ -226,7 +226,13 @@ class Trainer:
             self.agreed_stop, any_non_finite = self.parallel.agree(
                 self.stop_signal, not torch.isfinite(loss.detach()).item())
             finite = stepped = not any_non_finite
-            if not finite:
+            if not finite and self.precision.inner_overflow_possible:
+                # fp16: a loss-scaled inner-loop gradient overflowed (the same on every rank:
+                # same scale, same algorithm), as the scaler skips any overflowing step.
+                self.precision.skip_overflow(self.optimizer)
+                self.window_skipped += 1
+                metrics = {}
+            elif not finite:
                 self._non_finite(loss)
                 metrics = {}
             else:

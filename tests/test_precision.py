@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.maml import MAML
 from metarun.config import register_configs, validate
+from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 from metarun.execution import drivers
 from metarun.execution.precision import scaled_task_losses
@@ -68,13 +69,19 @@ def low_precision_meta_gradient(model64: nn.Module, batch, task_type: str, drive
                                 precision: str, device: torch.device | None = None
                                 ) -> list[Tensor]:
     """The meta-gradient as the trainer takes it: float32 weights, the forward under the run's
-    ``Precision`` (fp16: loss-scaled, here unscaled again to compare)."""
+    ``Precision`` (fp16: loss-scaled, here unscaled again to compare). A fresh fp16 scale (2^16)
+    can overflow the loss-scaled inner loop (one of these cases does): then, as the trainer, the
+    step is skipped, the scale halved and the step taken again."""
     device = device or torch.device("cpu")
     model = copy.deepcopy(model64).to(device, torch.float32)
     maml = MAML(model, task_type, INNER_LR, INNER_STEPS, task_batching=driver)
     run_precision = Precision(precision, device)
-    with run_precision.forward():
-        loss, _ = maml.meta_train_step(batch.to(device, torch.float32))
+    for _ in range(4):
+        with run_precision.forward():
+            loss, _ = maml.meta_train_step(batch.to(device, torch.float32))
+        if torch.isfinite(loss) or not run_precision.inner_overflow_possible:
+            break
+        run_precision.skip_overflow(torch.optim.SGD(model.parameters(), lr=0.0))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     run_precision.backward(loss)
     scale = 1.0 if run_precision.scaler is None else run_precision.scaler.get_scale()
@@ -145,23 +152,26 @@ def test_the_task_threads_run_the_tasks_under_the_callers_autocast(two_task_thre
 
 
 def test_the_task_by_task_driver_scales_each_tasks_backward(two_task_threads):
-    """A scale that overflows float16 shows up as inf in the meta-gradient (so it reached the
-    per-task backward); a moderate one gives the unscaled gradient back, and the loss's value
-    stays the finite meta-loss either way."""
-    model = make_model("mlp", "classification").float()
-    batch = make_batch("classification", (2,), seed=1).to("cpu", torch.float32)
-    maml = MAML(model, "classification", INNER_LR, INNER_STEPS, task_batching="loop")
+    """A scale that overflows float16 in a task's backward of the meta-loss shows up as inf in the
+    meta-gradient (so it reached the per-task backward) while the loss keeps its finite value; a
+    moderate one gives the unscaled gradient back. The inner loop is loss-scaled too: the query
+    targets are moved 100 away so the meta-loss's gradients are ~100 times the support loss's,
+    and a scale overflows the first alone (the inner loop's overflow is the next test's)."""
+    model = make_model("mlp", "regression").float()
+    batch = make_batch("regression", (2,), seed=1).to("cpu", torch.float32)
+    batch = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y + 100)
+    maml = MAML(model, "regression", INNER_LR, INNER_STEPS, task_batching="loop")
     results = {}
-    for scale in (1.0, 2.0**10, 2.0**40):
+    for scale in (1.0, 2.0**6, 2.0**14):
         maml.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.float16), scaled_task_losses(scale):
             loss, _ = maml.meta_train_step(batch)
         loss.backward()
         results[scale] = loss.item(), [p.grad.clone() for p in model.parameters()]
-    assert results[1.0][0] == results[2.0**10][0] == results[2.0**40][0]
-    assert all(torch.isfinite(g).all() for g in results[2.0**10][1])
-    assert relative_error(results[2.0**10][1], [g.double() for g in results[1.0][1]]) < 1e-2
-    assert not all(torch.isfinite(g).all() for g in results[2.0**40][1])
+    assert results[1.0][0] == results[2.0**6][0] == results[2.0**14][0]
+    assert all(torch.isfinite(g).all() for g in results[2.0**6][1])
+    assert relative_error(results[2.0**6][1], [g.double() for g in results[1.0][1]]) < 1e-2
+    assert not all(torch.isfinite(g).all() for g in results[2.0**14][1])
 
 
 def _compose(*overrides: str):

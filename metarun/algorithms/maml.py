@@ -44,6 +44,7 @@ from metarun.execution import drivers
 from metarun.execution.drivers import prefers_loop, stack_results, vmap_is_exact
 from metarun.execution.executed import run_copy
 from metarun.execution.layout import cpu_fast_layout
+from metarun.execution.precision import inner_loss_scale
 from metarun.execution.task_gradients import meta_gradient_surrogate
 
 Params = dict[str, Tensor]
@@ -214,9 +215,19 @@ class MAML(MetaAlgorithm):
         so the loop, on one thread or several, takes the same gradient with
         ``torch.autograd.grad``, keeping the graph unless first-order. Both ignore a caller's
         ``no_grad``.
+
+        Under fp16 loss scaling the gradient is taken of ``scale * loss`` and divided by
+        ``scale`` (differentiably), so its float16 backward keeps small values
+        (``metarun.execution.precision``, "Inner loops"); elsewhere the scale is 1 and the
+        code path is the unscaled one.
         """
+        scale = inner_loss_scale()
         if self.uses_vmap:
-            return grad(self._support_loss)(params, support_x, support_y)
+            if scale == 1.0:
+                return grad(self._support_loss)(params, support_x, support_y)
+            scaled = grad(lambda *args: self._support_loss(*args) * scale)
+            return {name: g / scale for name, g in
+                    scaled(params, support_x, support_y).items()}
         # Parameters that carry no graph (evaluation, Reptile) are differentiated as fresh
         # leaves, and a graph is kept only where there is one to extend, as torch.func.grad does.
         keep_graph = not self.first_order and any(p.requires_grad for p in params.values())
@@ -227,8 +238,11 @@ class MAML(MetaAlgorithm):
             }
             loss = self._support_loss(leaves, support_x, support_y)
             grads = torch.autograd.grad(
-                loss, list(leaves.values()), create_graph=keep_graph, allow_unused=True
+                loss if scale == 1.0 else loss * scale, list(leaves.values()),
+                create_graph=keep_graph, allow_unused=True
             )
+            if scale != 1.0:
+                grads = tuple(None if g is None else g / scale for g in grads)
         return {
             name: torch.zeros_like(p) if g is None else g
             for (name, p), g in zip(params.items(), grads, strict=True)

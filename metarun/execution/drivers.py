@@ -12,9 +12,10 @@ behind the code's choices", "Task drivers").
 Two things are not safe to share between threads and are handled here: ``torch.func``'s
 transforms (so a worker's inner loop uses ``torch.autograd.grad``: see ``MAML.support_grads``)
 and ``functional_call`` on one module (it swaps the module's parameters in place), so each
-worker runs its own copy of the adapted module, with the real parameters passed in. Two
-thread-local settings of the caller are carried into the workers: grad mode and autocast
-(``metarun.execution.precision``: a bf16/fp16 run's per-task work is autocast too).
+worker runs its own copy of the adapted module, with the real parameters passed in. Three
+thread-local settings of the caller are carried into the workers: grad mode, autocast and the fp16
+loss scale (``metarun.execution.precision``: a bf16/fp16 run's per-task work is autocast too, and
+an fp16 run's inner loops are loss-scaled on every thread).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from metarun.execution.executed import execution_copy, follow_modes
 from metarun.execution.plain_norm import batch_norm_in_plain_ops
-from metarun.execution.precision import autocast_enabled, caller_autocast
+from metarun.execution.precision import autocast_enabled, caller_precision
 
 Result = TypeVar("Result")
 
@@ -150,7 +151,7 @@ def run_tasks(
     that order gets the same numbers every time. torch's intra-op threads are set to 1 for the
     duration (restored after), so the workers don't oversubscribe the cores. Each worker, and
     the calling thread when there is one module, sees its module as ``worker_module()``, and
-    runs with the caller's grad mode and autocast settings.
+    runs with the caller's grad mode, autocast settings and loss scale.
     """
     workers = len(modules)
     if workers == 1:
@@ -162,10 +163,10 @@ def run_tasks(
     results: list[Result | None] = [None] * tasks
     next_task = itertools.count()
     lock = threading.Lock()
-    # Thread-local, so the workers take the caller's: grad mode, and autocast (entered per task,
-    # so its cache of casted leaves is freed with each task's leaves).
+    # Thread-local, so the workers take the caller's: grad mode, and autocast with the loss scale
+    # (entered per task, so autocast's cache of casted leaves is freed with each task's leaves).
     grad_enabled = torch.is_grad_enabled()
-    autocast = caller_autocast()
+    precision = caller_precision()
 
     def in_worker(index: int) -> None:
         _local.module = modules[index]
@@ -176,7 +177,7 @@ def run_tasks(
                     task = next(next_task)
                 if task >= tasks:
                     return
-                with autocast():
+                with precision():
                     results[task] = work(range(task, task + 1))
         finally:
             _local.module = None
