@@ -1,5 +1,6 @@
 """Task-parallel meta-steps (several tasks at once on CPU threads) give the same meta-gradients
-as one task at a time, for every algorithm on MAML's loop driver, in float64."""
+as one task at a time, for every algorithm on MAML's loop driver and for the metric learners, in
+float64; and no task thread builds a graph on the meta-parameters (the thread rule)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from torch import nn
 
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.matchingnet import MatchingNet
 from metarun.algorithms.metasgd import MetaSGD
+from metarun.algorithms.protonet import ProtoNet
+from metarun.algorithms.relationnet import RelationNet
 from metarun.execution import drivers
 from tests.test_maml import input_shape, make_batch, make_model
+from tests.test_metric_algorithms import single_graph_meta_gradients
 
 
 @pytest.fixture
@@ -116,16 +121,78 @@ def graph_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "reptile"])
+METRIC = {"protonet": ProtoNet, "matchingnet": MatchingNet, "relationnet": RelationNet}
+
+
+def metric_learner(name: str, body: str, seed: int = 5):
+    """A metric learner (``matchingnet-fce``: with full-context embeddings) on a float64 conv4
+    (batch-norm, so tasks are embedded one by one) or mlp (folded) body."""
+    kind, _, fce = name.partition("-")
+    kwargs = {"fce": True} if fce else {}
+    model = make_model(body, "classification", seed=seed)
+    return METRIC[kind](model, "classification", **kwargs).double()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("algo", "body"),
+    [
+        ("protonet", "conv4"), ("protonet", "mlp"), ("matchingnet", "conv4"),
+        ("matchingnet", "mlp"), ("matchingnet-fce", "conv4"), ("matchingnet-fce", "mlp"),
+        ("relationnet", "conv4"),
+    ],
+)
+def test_metric_learners_on_the_task_threads_give_the_single_graph_meta_gradients(
+    algo, body, workers, restore_threads, monkeypatch
+):
+    # The definition: every task in the calling thread, the modules as written, one graph on the
+    # meta-parameters, the mean of the tasks' losses, one backward. The driver: each task on a
+    # task thread with leaves of its own, its executed copies, the gradients summed in order.
+    algorithm = metric_learner(algo, body)
+    batch = make_batch("classification", input_shape(body), seed=6, tasks=4)
+    torch.set_num_threads(workers)
+    used = []
+    original = drivers.run_tasks
+
+    def spy(work, tasks, modules):
+        used.append(len(modules))
+        return original(work, tasks, modules)
+
+    monkeypatch.setattr(drivers, "run_tasks", spy)
+    loss, grads = meta_step(algorithm, batch, threads=workers)
+    assert used == [workers]
+    monkeypatch.undo()
+    expected_loss, expected = single_graph_meta_gradients(algorithm, batch, monkeypatch)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    names = [name for name, _ in algorithm.named_parameters()]
+    for name, got, want in zip(names, grads, expected, strict=True):
+        if not name.startswith("model.head"):  # the backbone's head, unused
+            assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+THREAD_RULE_CASES = [
+    "maml", "fomaml", "metasgd", "anil", "reptile",
+    "protonet", "protonet-mlp", "matchingnet", "matchingnet-fce", "relationnet",
+]
+
+
+@pytest.mark.parametrize("algo", THREAD_RULE_CASES)
 def test_worker_threads_never_build_graphs_on_the_meta_parameters(algo, restore_threads):
     # The thread rule (docs/RELIABILITY.md): every graph a task thread builds ends in leaves of
     # that task's own, never in an nn.Parameter another thread builds on too.
     from metarun.algorithms.reptile import Reptile
 
-    model = make_model("conv4", "classification", seed=5)
-    batch = make_batch("classification", input_shape("conv4"), seed=6, tasks=6)
+    name, _, body = algo.partition("-")
+    metric = name in METRIC
+    if body != "mlp":
+        body = "conv4"
+    model = make_model(body, "classification", seed=5)
+    batch = make_batch("classification", input_shape(body), seed=6, tasks=6)
     if algo == "reptile":
         algorithm = Reptile(model, "classification", 0.1, 2, task_batching="loop")
+    elif metric:
+        algorithm = metric_learner(algo.removesuffix("-mlp"), body)
     else:
         kind = {"maml": MAML, "fomaml": MAML, "metasgd": MetaSGD, "anil": ANIL}[algo]
         algorithm = kind(model, "classification", 0.3, 2, first_order=algo == "fomaml",
@@ -133,22 +200,38 @@ def test_worker_threads_never_build_graphs_on_the_meta_parameters(algo, restore_
     parameters = list(algorithm.parameters())
     main = threading.main_thread()
     seen_threads, offending = set(), []
-    forward_with = algorithm.forward_with
 
-    def recording_forward_with(params, inputs):
-        outputs = forward_with(params, inputs)
+    def record(outputs, *inputs):
         if threading.current_thread() is not main:
             seen_threads.add(threading.current_thread().name)
-            for leaf in graph_leaves(outputs, *params.values(), inputs):
+            for leaf in graph_leaves(outputs, *inputs):
                 if any(leaf is p for p in parameters):
                     offending.append(threading.current_thread().name)
-        return outputs
 
-    algorithm.forward_with = recording_forward_with  # type: ignore[method-assign]
+    if metric:
+        task_output = algorithm.task_output
+
+        def recording_task_output(meta, task_batch, task, ways, embedded):
+            outputs = task_output(meta, task_batch, task, ways, embedded)
+            record(outputs, *meta.values(), *([] if embedded is None else [embedded]))
+            return outputs
+
+        algorithm.task_output = recording_task_output  # type: ignore[method-assign]
+    else:
+        forward_with = algorithm.forward_with
+
+        def recording_forward_with(params, inputs):
+            outputs = forward_with(params, inputs)
+            record(outputs, *params.values(), inputs)
+            return outputs
+
+        algorithm.forward_with = recording_forward_with  # type: ignore[method-assign]
     torch.set_num_threads(2)
     loss, _ = algorithm.meta_train_step(batch)
     loss.backward()
     algorithm.evaluate(batch)
     assert len(seen_threads) == 2  # both task threads ran, in training and evaluation
     assert offending == []
-    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in algorithm.parameters())
+    trained = [p for name, p in algorithm.named_parameters()
+               if not (metric and name.startswith("model.head"))]  # unused by metric learners
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)

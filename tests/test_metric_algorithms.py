@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from torch import nn
+from torch.func import functional_call
 
 from metarun.algorithms.matchingnet import MatchingNet
 from metarun.algorithms.protonet import ProtoNet
@@ -145,7 +147,7 @@ def test_relationnet_keeps_a_spatial_map_of_omniglot_images(unpooled_blocks, sid
                            unpooled_blocks=unpooled_blocks)
     assert relation.embed(torch.zeros(3, 1, 28, 28)).shape == (3, 4, side, side)
     # The layers are the backbone's own: nothing is copied or saved twice.
-    assert not any(key.startswith("_layers") for key in relation.state_dict())
+    assert not any(key.startswith("_spatial") for key in relation.state_dict())
 
 
 @pytest.mark.parametrize("name", [*ALGORITHMS, "matchingnet-fce"])
@@ -188,6 +190,27 @@ def test_protonet_on_mlp_folds_tasks_and_matches_the_per_task_loop() -> None:
     looped = protonet.query_outputs(batch)
     protonet.fold = True
     torch.testing.assert_close(protonet.query_outputs(batch), looped)
+
+
+def test_a_body_that_writes_running_statistics_runs_its_tasks_on_one_thread() -> None:
+    # metarun's backbones keep no running statistics; one that does writes them in every
+    # training forward pass, and two task threads would write the same buffer at once.
+    model = FlatEmbedding()
+    model.features = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4))
+    protonet = ProtoNet(model, "classification").double()
+    batch = make_batch((4,), seed=10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert protonet.task_workers(batch) == 1
+        loss, _ = protonet.meta_train_step(batch)
+        loss.backward()
+        assert int(model.features[1].num_batches_tracked) == TASKS  # one update per task
+        protonet.eval()
+        assert protonet.task_workers(batch) == 2  # evaluation only reads them
+        assert ProtoNet(Conv4(IMAGE, WAYS, channels=4), "classification").task_workers(batch) == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -291,26 +314,48 @@ def test_the_cli_refuses_relationnet_on_an_mlp(tmp_path, make_fake_omniglot) -> 
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("algo", ["protonet", "matchingnet"])
+def run_plainly(learner, key: str, meta: dict, *inputs: torch.Tensor):
+    """Module ``key`` of the learner's ``task_modules`` as written (not its executed copy), with
+    ``meta``'s parameters."""
+    prefix, module = learner.task_modules()[key]
+    params = {name: meta[prefix + name] for name, _ in module.named_parameters()}
+    return functional_call(module, params, inputs)
+
+
+def single_graph_meta_gradients(learner, batch: TaskBatch, monkeypatch):
+    """The meta-gradient by its definition: every task in the calling thread, the modules as
+    written, on the meta-parameters themselves; the mean of the tasks' losses; one backward.
+    Zeros where a parameter gets no gradient (the backbone's unused head)."""
+    learner.zero_grad(set_to_none=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(learner, "run_module", types.MethodType(run_plainly, learner))
+        outputs = learner.query_outputs(batch)
+    loss = learner.scores(outputs, batch.query_y)["loss"].mean()
+    loss.backward()
+    return loss.item(), gradients(learner)
+
+
+def gradients(learner) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in learner.parameters()]
+
+
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
 def test_embeddings_run_on_the_executed_copy_with_the_same_gradients(algo, monkeypatch) -> None:
-    # The body runs as metarun.execution.executed rewrites it (ReLU after max-pool); the loss and
-    # the meta-gradient must be those of the body as written, ties in the pools included.
+    # The body (and RelationNet's relation module) runs as metarun.execution.executed rewrites
+    # it (ReLU after max-pool); the loss and the meta-gradient must be those of the modules as
+    # written, ties in the pools included.
     torch.manual_seed(3)
-    learner = ALGORITHMS[algo](Conv4(IMAGE, WAYS).double(), "classification")
+    learner = ALGORITHMS[algo](Conv4(IMAGE, WAYS), "classification").double()
     batch = make_batch(IMAGE, seed=4)
     batch = TaskBatch(*((t > 0.5).double() if t.is_floating_point() else t for t in (
         batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
 
-    def loss_and_grads():
-        learner.zero_grad()
-        loss, _ = learner.meta_train_step(batch)
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in learner.parameters() if p.grad is not None]
-
-    executed_loss, executed_grads = loss_and_grads()
+    learner.zero_grad()
+    loss, _ = learner.meta_train_step(batch)
+    loss.backward()
+    executed_loss, executed_grads = loss.item(), gradients(learner)
     assert learner._executed._copies, "the executed copy was not used"
-    monkeypatch.setattr(type(learner), "run_body", lambda self, x: self.body(x))
-    plain_loss, plain_grads = loss_and_grads()
+    plain_loss, plain_grads = single_graph_meta_gradients(learner, batch, monkeypatch)
     assert executed_loss == pytest.approx(plain_loss, rel=1e-12)
     for got, want in zip(executed_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -38,13 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.metric import (
-    MetricLearner,
-    can_fold_tasks,
-    embed_episode,
-    num_ways,
-)
-from metarun.data.episodes import TaskBatch
+from metarun.algorithms.metric import MetricLearner, Params
 from metarun.errors import ConfigError
 
 
@@ -122,29 +116,31 @@ class MatchingNet(MetricLearner):
                     f"{type(model).__name__} has none; use backbone=conv4 or algo.fce=false"
                 )
             self.context = ContextEmbedding(dim, fce_steps)
-        self.fold = can_fold_tasks(self.body)
 
-    def embed(self, x: Tensor) -> Tensor:
-        return self.run_body(x).flatten(1)
-
-    def attention(self, batch: TaskBatch) -> Tensor:
-        """``[B, N*Q, N*K]``: each query's softmax over cosines to the support examples."""
-        support, query = embed_episode(self.embed, batch, self.fold)
+    def task_modules(self) -> dict[str, tuple[str, nn.Module]]:
+        modules = super().task_modules()
         if self.context is not None:
-            support, query = self.context(support, query)
-        cosines = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)
-        return torch.softmax(cosines / self.log_temperature.exp(), dim=-1)
+            modules["context"] = ("context.", self.context)
+        return modules
 
-    def class_probabilities(self, batch: TaskBatch) -> Tensor:
-        """``[B, N*Q, N]``: attention-weighted sums of the support labels' one-hot vectors
-        (differentiable; ``query_probabilities`` is the same without a graph, in float64)."""
-        one_hot = F.one_hot(batch.support_y, num_ways(batch))
-        return self.attention(batch) @ one_hot.to(batch.support_x.dtype)
+    def attention(self, meta: Params, support: Tensor, query: Tensor) -> Tensor:
+        """One task's ``[N*Q, N*K]``: each query's softmax over cosines to the support examples
+        (in full context first, with ``fce``)."""
+        if self.context is not None:
+            support, query = self.run_module("context", meta, support[None], query[None])
+            support, query = support[0], query[0]
+        cosines = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
+        log_temperature = meta.get("log_temperature", self.log_temperature)
+        return torch.softmax(cosines / log_temperature.exp(), dim=-1)
 
-    def query_outputs(self, batch: TaskBatch) -> Tensor:
-        # Log-probabilities as logits: cross-entropy's softmax of log p is p itself (the rows
-        # sum to 1), so the loss is the paper's -log P(y | x, S), and query_probabilities (a
-        # softmax of these) gives back p. The floor keeps a class that got no attention at all
-        # from giving -inf.
-        tiny = torch.finfo(batch.support_x.dtype).tiny
-        return self.class_probabilities(batch).clamp_min(tiny).log()
+    def compare(
+        self, meta: Params, support: Tensor, support_y: Tensor, query: Tensor, ways: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        # Attention-weighted sums of the support labels' one-hot vectors, and their log as
+        # logits: cross-entropy's softmax of log p is p itself (the rows sum to 1), so the loss
+        # is the paper's -log P(y | x, S), and query_probabilities (a softmax of these) gives
+        # back p. The floor keeps a class that got no attention at all from giving -inf.
+        one_hot = F.one_hot(support_y, ways).to(dtype)
+        probabilities = self.attention(meta, support, query) @ one_hot
+        return probabilities.clamp_min(torch.finfo(dtype).tiny).log()

@@ -24,16 +24,10 @@ or ``metarun algo=protonet dataset=omniglot``.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
-from metarun.algorithms.metric import (
-    MetricLearner,
-    can_fold_tasks,
-    class_means,
-    embed_episode,
-    num_ways,
-)
-from metarun.data.episodes import TaskBatch
+from metarun.algorithms.metric import MetricLearner, Params, class_means
 
 
 def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
@@ -49,29 +43,16 @@ class ProtoNet(MetricLearner):
     """Logits are negative squared Euclidean distances to the class means of the support set.
 
     Accepts any backbone with a feature body (``conv4``, ``mlp``); only the body is trained,
-    the backbone's head is unused.
+    the backbone's head is unused. Tasks run as ``MetricLearner`` drives them (the task
+    threads, leaves of each task's own).
     """
 
     algo_name = "protonet"
     accepts = "a backbone with a feature body (conv4, mlp)"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task_type: str,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-    ) -> None:
-        super().__init__(model, task_type, train_ways, train_shots, train_queries)
-        self.fold = can_fold_tasks(self.body)
-
-    def embed(self, x: Tensor) -> Tensor:
-        """The body's output, flattened to one vector per example."""
-        features = self.run_body(x)
-        return features.flatten(1)
-
-    def query_outputs(self, batch: TaskBatch) -> Tensor:
-        support, query = embed_episode(self.embed, batch, self.fold)
-        prototypes = class_means(support, batch.support_y, num_ways(batch))
-        return -squared_distances(query, prototypes)
+    def compare(
+        self, meta: Params, support: Tensor, support_y: Tensor, query: Tensor, ways: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        prototypes = class_means(support[None], support_y[None], ways)
+        return -squared_distances(query[None], prototypes)[0]

@@ -11,14 +11,18 @@ their sum are used (see ``evaluation_outputs``).
 
 The relation module needs spatial feature maps, so the embedding is the backbone body without
 the max-pooling of its last ``unpooled_blocks`` blocks (and without its final flatten). The body
-must be a sequence of conv blocks (conv4's ``features``); it is run layer by layer, sharing its
-parameters, so no backbone changes. The default, 2, is the paper's encoder (max-pooling in the
-first two of four blocks): conv4 gives 64x7x7 maps on 28x28 Omniglot (the paper's unpadded
-convolutions give 64x5x5) and 64x21x21 on 84x84 (paper: 19x19); 1 gives 64x3x3 on Omniglot. The
-relation module's poolings round up, so any map size reaches at least 1x1.
+must be a sequence of conv blocks (conv4's ``features``); its own blocks are run (``spatial_body``,
+the last ones without their pooling) under the body's parameter names, so no backbone changes and
+each task takes the body's parameters like any metric learner. The default, 2, is the paper's
+encoder (max-pooling in the first two of four blocks): conv4 gives 64x7x7 maps on 28x28
+Omniglot (the paper's unpadded convolutions give 64x5x5) and 64x21x21 on 84x84 (paper: 19x19); 1
+gives 64x3x3 on Omniglot. The relation module's poolings round up, so any map size reaches at
+least 1x1.
 
 Batch-norm in the relation module keeps no running statistics either and, like the body, is
-run once per task (over all of the task's pairs), so statistics never mix tasks.
+run once per task (over all of the task's pairs), so statistics never mix tasks. Each task thread
+runs its own executed copy of the relation module on that task's own leaves
+(``metarun.algorithms.metric``).
 
 Usage::
 
@@ -33,13 +37,14 @@ or ``metarun algo=relationnet dataset=omniglot``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.metric import MetricLearner, class_sums, embed_episode, num_ways
+from metarun.algorithms.metric import MetricLearner, Params, class_sums
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 
@@ -99,13 +104,21 @@ def conv_blocks(body: nn.Module) -> list[nn.Sequential] | None:
     return blocks if blocks and all(is_conv_block(b) for b in blocks) else None
 
 
-def spatial_layers(blocks: list[nn.Sequential], unpooled_blocks: int) -> list[nn.Module]:
-    """The blocks' layers in order, without the max-pool of the last ``unpooled_blocks``."""
-    layers: list[nn.Module] = []
-    for index, block in enumerate(blocks):
+def spatial_body(
+    body: nn.Sequential, blocks: list[nn.Sequential], unpooled_blocks: int
+) -> nn.Sequential:
+    """The body's blocks without the max-pool of the last ``unpooled_blocks`` (and without a
+    trailing flatten), under the body's own names, so it takes the body's parameters by name.
+
+    It holds the body's own layers: nothing is copied, and it is not registered anywhere (the
+    layers are saved with the backbone).
+    """
+    names = list(body._modules)[: len(blocks)]
+    spatial = OrderedDict()
+    for index, (name, block) in enumerate(zip(names, blocks, strict=True)):
         keep_pool = index < len(blocks) - unpooled_blocks
-        layers += list(block) if keep_pool else list(block)[:-1]
-    return layers
+        spatial[name] = block if keep_pool else nn.Sequential(*list(block)[:-1])
+    return nn.Sequential(spatial)
 
 
 class RelationNet(MetricLearner):
@@ -149,40 +162,44 @@ class RelationNet(MetricLearner):
                 f"algo.unpooled_blocks={unpooled_blocks} but the backbone has only "
                 f"{len(blocks)} blocks; lower it"
             )
-        # Plain list, not a ModuleList: the layers belong to (and are saved with) the backbone.
-        self._layers = spatial_layers(blocks, unpooled_blocks)
+        # Not a registered submodule: its layers belong to (and are saved with) the backbone.
+        object.__setattr__(self, "_spatial", spatial_body(self.body, blocks, unpooled_blocks))
         parameter = next(model.parameters())
         with torch.no_grad():
             probe = torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device)
-            channels, *map_size = self.embed(probe).shape[1:]
+            channels, *map_size = self._spatial(probe).shape[1:]
         self.relation = RelationModule(2 * channels, map_size, relation_channels, relation_hidden)
 
-    def embed(self, x: Tensor) -> Tensor:
+    def task_modules(self) -> dict[str, tuple[str, nn.Module]]:
+        return {
+            "body": ("model.features.", self._spatial),
+            "relation": ("relation.", self.relation),
+        }
+
+    def embed_with(self, meta: Params, x: Tensor) -> Tensor:
         """Spatial feature maps ``[M, C, H, W]``: the body without its last pooling(s)."""
-        for layer in self._layers:
-            x = layer(x)
-        return x
+        return self.run_module("body", meta, x)
+
+    def compare(
+        self, meta: Params, support: Tensor, support_y: Tensor, query: Tensor, ways: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """Relation scores ``[N*Q, N]`` of every (query, class) pair, the relation module run
+        once over all of the task's pairs."""
+        classes = class_sums(support[None], support_y[None], ways)[0]  # [N, C, H, W]
+        queries = query.shape[0]
+        pairs = torch.cat(
+            [
+                classes.unsqueeze(0).expand(queries, *classes.shape),
+                query.unsqueeze(1).expand(queries, ways, *query.shape[1:]),
+            ],
+            dim=2,
+        )  # [Q, N, 2C, H, W]
+        return self.run_module("relation", meta, pairs.flatten(0, 1)).reshape(queries, ways)
 
     def relation_scores(self, batch: TaskBatch) -> Tensor:
         """``[B, N*Q, N]`` relation scores in (0, 1) between each query and each class."""
-        support, query = embed_episode(self.embed, batch)
-        ways = num_ways(batch)
-        classes = class_sums(support, batch.support_y, ways)  # [B, N, C, H, W]
-        queries = query.shape[1]
-        scores = []
-        for task_classes, task_query in zip(classes, query, strict=True):
-            pairs = torch.cat(
-                [
-                    task_classes.unsqueeze(0).expand(queries, *task_classes.shape),
-                    task_query.unsqueeze(1).expand(queries, ways, *task_query.shape[1:]),
-                ],
-                dim=2,
-            )  # [Q, N, 2C, H, W]
-            scores.append(self.relation(pairs.flatten(0, 1)).reshape(queries, ways))
-        return torch.stack(scores)
-
-    def query_outputs(self, batch: TaskBatch) -> Tensor:
-        return self.relation_scores(batch)
+        return self.query_outputs(batch)
 
     def evaluation_outputs(self, batch: TaskBatch) -> Tensor:
         """The log of the relation scores, in float64: a softmax of them is each query's scores
@@ -194,7 +211,7 @@ class RelationNet(MetricLearner):
         stay distinct and equal ones equal, so the argmax is the one ``evaluate`` scores; the
         floor stands in for a score that underflowed to 0 (below every positive float32).
         """
-        scores = self.relation_scores(batch).double()
+        scores = self.outputs_on_task_threads(batch).double()
         return scores.clamp_min(torch.finfo(torch.float64).tiny).log()
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -202,7 +219,7 @@ class RelationNet(MetricLearner):
         # the normalised scores would be another number); the accuracy is the scores' argmax,
         # the same as evaluation_outputs'.
         with torch.no_grad():
-            scores = self.scores(self.relation_scores(batch), batch.query_y)
+            scores = self.scores(self.outputs_on_task_threads(batch), batch.query_y)
         return {name: value.detach() for name, value in scores.items()}
 
     def scores(self, outputs: Tensor, query_y: Tensor) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ every position. Nothing is adapted per task, so the meta-loss is one forward pas
 evaluation is the same pass without gradients.
 
 Embedding: the backbone's body (``model.features``), run on each task's support and query images
-together in one pass, as the metric learners do (``metarun.algorithms.metric.embed_episode``):
+together in one pass, as the metric learners do (``MetricLearner.episode_embeddings``):
 batch-norm statistics come from that one episode (transductive, per task) and never mix tasks.
 Labels never enter the body. The sequence model itself sees a query only at that query's own
 position, so one query's prediction depends on the support set and itself alone. With

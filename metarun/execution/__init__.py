@@ -3,7 +3,8 @@
 - ``drivers``: the rules for ``vmap`` against the task loop, and the loop itself, on one thread or
   on the CPU's task threads (``run_tasks``), with a module copy per worker.
 - ``task_gradients``: meta-gradients one task at a time, each task on leaves of its own, summed in
-  task order and returned through a surrogate loss (MAML, Meta-SGD, ANIL use it).
+  task order and returned through a surrogate loss (MAML's task loop, and so FOMAML, Meta-SGD
+  and ANIL; the metric learners ProtoNet, MatchingNet and RelationNet).
 - ``executed``: the rewritten copy of a network the loops run (ReLU after max-pool, fused kernels).
 - ``layout``: channels-last where a pass is differentiated at most once.
 - ``plain_norm``: batch-norm in plain ops, exact under ``vmap``.

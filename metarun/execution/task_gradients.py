@@ -8,6 +8,10 @@ order by the calling thread and handed back as a surrogate whose value is the me
 gradient is exactly their sum, so the trainer calls ``backward`` and the optimizer as for every
 other algorithm.
 
+Users: MAML's task loop (``MAML._meta_train_task_by_task``, and so FOMAML, Meta-SGD and ANIL)
+and the metric learners (``metarun.algorithms.metric.MetricLearner.meta_train_step``: ProtoNet,
+MatchingNet, RelationNet).
+
 **The thread rule** (docs/RELIABILITY.md): no two threads ever build autograd graphs on the same
 leaf tensor. Every task is differentiated with respect to leaves of its own: the meta-parameters
 detached and marked ``requires_grad`` afresh for that task, never the ``nn.Parameter`` objects
@@ -17,9 +21,9 @@ threads on one leaf can each hold one and wait for the other, forever. A detache
 tensor header, not a copy; it shares the parameter's storage, which nothing writes during a
 meta-step.
 
-Inputs that a shared module computed for every task (ANIL's body features) enter each task the
-same way, as detached leaves; their gradients come back stacked and the surrogate sends them
-through that module once for the whole batch.
+Inputs that a shared module computed for every task (ANIL's body features, a metric learner's
+folded embeddings) enter each task the same way, as detached leaves; their gradients come back
+stacked and the surrogate sends them through that module once for the whole batch.
 
 Under fp16 loss scaling each task's loss is differentiated scaled and its gradients unscaled
 (``metarun.execution.precision.scaled_task_losses``): the task's float16 backward, where the
