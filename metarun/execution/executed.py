@@ -15,12 +15,6 @@ is rewritten here, in ways that change no output and no gradient, first or secon
   running statistics and ``MaxPool2d(2)`` run on metarun's kernels where a tensor is NCHW on the
   CPU (the support passes that second-order MAML differentiates twice), and on PyTorch's own
   everywhere else (channels-last, GPU, inside ``torch.func`` transforms).
-- **Batch-norm and the max-pool after it as one op** (``ops.batch_norm_max_pool``): where the
-  pair follows each other in an ``nn.Sequential`` (after the swap above, conv4's blocks), the
-  batch-norm module does both, so the batch-norm output, which PyTorch's max-pool would keep
-  for its backward pass only for its shape, is freed at once. On the CPU passes that take a
-  gradient outside the NCHW kernels (the channels-last query passes, a task's largest) that is
-  one activation of the block's input size fewer per block while a task's graph is alive.
 
 Measured on one thread (conv4, one second-order MAML task): see docs/PERFORMANCE.md. Parameter
 and buffer names are those of the original, so ``functional_call`` takes the original's.
@@ -54,22 +48,6 @@ class FusedMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.max_pool2x2(x)
-
-
-class FusedBatchNormMaxPool2d(nn.BatchNorm2d):
-    """A ``BatchNorm2d(track_running_stats=False)`` that also does the ``MaxPool2d(2)`` after
-    it (``ops.batch_norm_max_pool``: the batch-norm output is not kept for the backward pass);
-    the pool itself becomes ``PooledBefore``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.batch_norm_max_pool(x, self.weight, self.bias, self.eps)
-
-
-class PooledBefore(nn.MaxPool2d):
-    """A ``MaxPool2d(2)`` whose pooling the batch-norm before it did."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -106,27 +84,12 @@ def _swap_relu_and_pool(sequential: nn.Sequential) -> None:
             k += 1
 
 
-def _is_plain_norm(module: nn.Module) -> bool:
-    return type(module) is nn.BatchNorm2d and not module.track_running_stats
-
-
-def _fuse_norm_and_pool(sequential: nn.Sequential) -> None:
-    modules = list(sequential._modules.values())
-    for first, second in zip(modules, modules[1:], strict=False):
-        if _is_plain_norm(first) and _is_plain_pool2(second):
-            first.__class__ = FusedBatchNormMaxPool2d
-            second.__class__ = PooledBefore
-
-
 def execution_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` rewritten as above; its parameters are never used."""
     clone = copy.deepcopy(module)
     for sub in clone.modules():
         if SWAP_RELU_AND_POOL and isinstance(sub, nn.Sequential):
             _swap_relu_and_pool(sub)
-    for sub in clone.modules() if FUSED_KERNELS else ():
-        if isinstance(sub, nn.Sequential):
-            _fuse_norm_and_pool(sub)
     for sub in clone.modules() if FUSED_KERNELS else ():
         if type(sub) is nn.BatchNorm2d and not sub.track_running_stats:
             sub.__class__ = FusedBatchNorm2d
