@@ -134,6 +134,52 @@ def test_max_pool_second_order_through_the_cotangent() -> None:
     assert torch.equal(second(ops.max_pool2x2), second(lambda t: F.max_pool2d(t, 2)))
 
 
+def _channels_last_input(seed: int, shape=(3, 4, 7, 9)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[:, :, :4, :4] = 1.0  # ties
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_max_pool_matches_pytorch_to_second_order() -> None:
+    x = _channels_last_input(6)
+    vector = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def derivatives(pool):
+        leaf = x.clone().requires_grad_()
+        y = pool(leaf)
+        cotangent = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+        cotangent.requires_grad_()
+        (grad,) = torch.autograd.grad((y * cotangent).sum(), leaf, create_graph=True)
+        (second,) = torch.autograd.grad((grad * vector).sum(), cotangent)
+        return y, grad, second
+
+    got, want = derivatives(ops.max_pool2x2), derivatives(lambda t: F.max_pool2d(t, 2))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_max_pool_keeps_only_its_indices_for_backward() -> None:
+    """PyTorch's max-pool keeps its input (a block's batch-norm output, four times its output)
+    for the backward pass; metarun's keeps the indices alone, so that input is freed."""
+
+    def saved_shapes(pool) -> list[tuple[int, ...]]:
+        shapes: list[tuple[int, ...]] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            shapes.append(tuple(tensor.shape))
+            return tensor
+
+        x = _channels_last_input(8).float().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            pool(x * 2)  # a fresh activation, as a batch-norm output is
+        return shapes
+
+    assert (3, 4, 7, 9) in saved_shapes(lambda t: F.max_pool2d(t, 2))  # what it avoids
+    assert saved_shapes(ops.max_pool2x2) == [(3, 4, 3, 4)]
+
+
 def test_other_layouts_and_dtypes_fall_back_to_pytorch(monkeypatch) -> None:
     calls = []
     original = ops._BatchNorm.apply

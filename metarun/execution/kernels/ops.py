@@ -9,7 +9,9 @@ fall back to those functions for anything else (or when the kernels are not buil
   analytic double backward, so second-order MAML's Hessian-vector products go through it; a
   third derivative is refused with an error, as nothing in metarun takes one;
 - max-pool's forward is the kernel (PyTorch's NCHW path walks each plane slowly); its backward
-  is PyTorch's own ``max_pool2d_with_indices_backward``, differentiable in turn.
+  is PyTorch's own ``max_pool2d_with_indices_backward``, differentiable in turn. Other layouts
+  that take a gradient on the CPU (channels-last) get PyTorch's forward keeping only the
+  indices, not the input, for the backward pass (less held while a task's graph is alive).
 
 Both are exact reformulations: float64 gradients and second derivatives agree with PyTorch's to
 rounding (``tests/test_kernels.py``), and max-pool picks the same element on ties.
@@ -166,8 +168,53 @@ def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return _BatchNorm.apply(x, weight, bias, eps)[0]
 
 
+class _MaxPool2x2KeepingIndices(torch.autograd.Function):
+    """PyTorch's 2x2 max-pool, keeping only its indices for the backward pass.
+
+    PyTorch's own max-pool also keeps its input, the size of four outputs, though its backward
+    reads only the input's shape: in conv4 that input is the block's batch-norm output, which
+    nothing else keeps, so it is freed here as soon as it is pooled. The backward puts each
+    output's gradient back where the pool picked (``max_unpool2d``: the windows do not
+    overlap), which is differentiable in turn.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+        ctx.save_for_backward(indices)
+        ctx.size = x.shape[-2:]
+        ctx.layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tensor:
+        (indices,) = ctx.saved_tensors
+        # The input's gradient in the input's layout, as PyTorch's pool gives it (the unpool
+        # follows its input's; an upstream gradient may come in another).
+        grad_y = grad_y.contiguous(memory_format=ctx.layout)
+        return F.max_unpool2d(grad_y, indices, 2, output_size=ctx.size)
+
+
 def max_pool2x2(x: Tensor) -> Tensor:
-    """``F.max_pool2d(x, 2)``: kernel 2, stride 2, no padding, floor mode."""
-    if not usable(x) or x.shape[2] < 2 or x.shape[3] < 2:
+    """``F.max_pool2d(x, 2)``: kernel 2, stride 2, no padding, floor mode.
+
+    On the kernel where it applies (NCHW); where a gradient will be taken of a CPU tensor of
+    another layout (the channels-last query passes), PyTorch's pool keeping only its indices;
+    elsewhere (GPU, ``torch.func`` transforms, no gradient) ``F.max_pool2d`` itself.
+    """
+    if x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2:
         return F.max_pool2d(x, 2)
-    return _MaxPool2x2.apply(x)[0]
+    if usable(x):
+        return _MaxPool2x2.apply(x)[0]
+    if (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ):
+        return _MaxPool2x2KeepingIndices.apply(x)
+    return F.max_pool2d(x, 2)
