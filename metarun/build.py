@@ -53,6 +53,9 @@ def build(cfg: DictConfig) -> Components:
     check_precision(_precision(cfg), device)  # before the data loads
     torch.manual_seed(cfg.seed)
     dataset = _instantiate(cfg.dataset, "dataset")
+    place_on = getattr(dataset, "place_on", None)
+    if place_on is not None:  # image datasets: their uint8 store on the device when it fits
+        place_on(device)
     task = cfg.task
     samplers = {
         split: dataset.sampler(split, task.ways, task.shots, task.queries) for split in EVAL_SPLITS
@@ -93,6 +96,7 @@ NOT_HYPERPARAMETERS = frozenset(
         "dataset.cache_dir",
         "dataset.download",
         "dataset.in_memory",
+        "dataset.on_device",
         "dataset.path",
         "dataset.split_lists",
         "trainer.progress",

@@ -46,6 +46,13 @@ def positive_number(value: object, key: str) -> float:
     return float(value)
 
 
+def auto_or_bool(value: object, key: str) -> str | bool:
+    """``auto``, ``true`` or ``false`` (e.g. ``dataset.on_device``)."""
+    if isinstance(value, bool) or value == "auto":
+        return value  # type: ignore[return-value]
+    raise ConfigError(f"{key}={shown(value)} is not allowed: use auto, true or false")
+
+
 def image_shape(input_shape: Sequence[int] | int, backbone: str) -> tuple[int, int, int]:
     """``(C, H, W)`` for a convolutional backbone, or the one-line reason it can't read the data."""
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else (input_shape,)

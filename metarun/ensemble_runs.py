@@ -36,7 +36,7 @@ from metarun.ensemble_fit import task_log_loss, true_class
 from metarun.errors import CheckpointError, MetarunError
 
 #: dataset keys that say where the files are, not which data: they may differ between runs.
-LOCATION_KEYS = frozenset({"root", "cache_dir", "download", "in_memory"})
+LOCATION_KEYS = frozenset({"root", "cache_dir", "download", "in_memory", "on_device"})
 TASK_SHAPE = ("ways", "shots", "queries")
 
 

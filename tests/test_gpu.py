@@ -1,9 +1,9 @@
 """On a CUDA device: meta-gradients against the CPU float64 references, bf16/fp16 against them,
-whole runs with trainer.device=cuda, and two NCCL processes against one.
+whole runs with trainer.device=cuda, two NCCL processes against one, and the uint8 images held
+on the GPU (dataset.on_device) giving the CPU's episodes.
 
 Skipped without CUDA; ``scripts/device_bench.sh run`` runs this module on the device machine
-(where metarun is on PYTHONPATH, not installed: runs go through ``python -m metarun``). The uint8
-dataset resident on the GPU does not exist yet, so nothing here tests it.
+(where metarun is on PYTHONPATH, not installed: runs go through ``python -m metarun``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import torch.nn.functional as F
 
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.protonet import ProtoNet
+from metarun.data.images import DeviceImageRows
+from metarun.data.omniglot import Omniglot
+from metarun.data.on_device import store_device
 from tests.runs import SINUSOID_TINY, comparable, read_results
+from tests.test_image_data import Fixture
 from tests.test_maml import (
     WAYS,
     input_shape,
@@ -157,3 +161,56 @@ def test_two_nccl_processes_match_one(tmp_path):
     assert one["iterations"] == two["iterations"] == 40
     assert two["meta_test"]["mean"] == pytest.approx(one["meta_test"]["mean"], rel=1e-3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one", "two"]
+
+
+def _same_episodes_on_cuda(host_sample, cuda_sample, tolerance: float) -> None:
+    """Generators of one seed: the same episodes, made on the GPU (its float ops may round the
+    last bits otherwise), arriving there (the trainer's move copies nothing), and the same
+    draws taken from the CPU generator."""
+    host_generator = torch.Generator().manual_seed(3)
+    cuda_generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        host, placed = host_sample(host_generator), cuda_sample(cuda_generator)
+        moved = placed.to(CUDA)
+        for name in vars(host):
+            value, expected = getattr(placed, name), getattr(host, name)
+            assert value.device.type == "cuda", name
+            assert getattr(moved, name).data_ptr() == value.data_ptr(), name
+            if expected.is_floating_point():
+                assert torch.allclose(value.cpu(), expected, rtol=0, atol=tolerance), name
+            else:
+                assert torch.equal(value.cpu(), expected), name
+    assert torch.equal(host_generator.get_state(), cuda_generator.get_state())
+
+
+@pytest.mark.parametrize("augment", [None, {"enabled": True}], ids=["plain", "augmented"])
+def test_image_rows_on_cuda_give_the_cpu_episodes(tmp_path, augment):
+    host = Fixture(str(tmp_path), image_size=8, augment=augment)
+    placed = Fixture(str(tmp_path), image_size=8, augment=augment, on_device=True)
+    placed.place_on(CUDA)
+    assert isinstance(placed.images, DeviceImageRows) and placed.images.device.type == "cuda"
+    # Normalising is exact up to a rounding; bilinear crops and jitter may differ a little more.
+    tolerance = 1e-6 if augment is None else 1e-4
+    for split in ("train", "val"):
+        _same_episodes_on_cuda(lambda g, d=host, s=split: d.sampler(s, 2, 2, 1).sample(4, g),
+                               lambda g, d=placed, s=split: d.sampler(s, 2, 2, 1).sample(4, g),
+                               tolerance)
+    _same_episodes_on_cuda(host.batch_sampler("train", 7).sample,
+                           placed.batch_sampler("train", 7).sample, tolerance)
+
+
+def test_omniglot_on_cuda_gives_the_cpu_episodes(tmp_path, make_fake_omniglot):
+    make_fake_omniglot(tmp_path)
+    host = Omniglot(root=str(tmp_path), download=False)
+    placed = Omniglot(root=str(tmp_path), download=False)  # on_device=auto: a few MB fit
+    placed.place_on(CUDA)
+    assert placed.images.device.type == "cuda"
+    _same_episodes_on_cuda(lambda g: host.sampler("train", 4, 2, 3).sample(8, g),
+                           lambda g: placed.sampler("train", 4, 2, 3).sample(8, g), 1e-6)
+    _same_episodes_on_cuda(host.batch_sampler("train", 9).sample,
+                           placed.batch_sampler("train", 9).sample, 1e-6)
+
+
+def test_auto_puts_omniglot_sized_images_on_the_gpu():
+    """The real Omniglot at 28 px (about 25 MB) against this GPU's free memory."""
+    assert store_device("auto", 32_460 * 28 * 28, CUDA) == CUDA

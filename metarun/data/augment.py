@@ -65,7 +65,8 @@ class Augmentation:
         theta[:, 0, 2] = centre_x
         theta[:, 1, 1] = height
         theta[:, 1, 2] = centre_y
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        # Drawn on the CPU (the sampler's generator), applied where the images are.
+        grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                              align_corners=False)
 
@@ -76,7 +77,7 @@ class Augmentation:
 
         def factors() -> Tensor:
             drawn = 1 + self.jitter * (2 * torch.rand(count, generator=generator) - 1)
-            return drawn.to(images.dtype).view(count, 1, 1, 1)
+            return drawn.to(images.device, images.dtype).view(count, 1, 1, 1)
 
         images = images * factors()
         gray = _grayscale(images)
@@ -91,7 +92,7 @@ class Augmentation:
 def _grayscale(images: Tensor) -> Tensor:
     if images.shape[1] != 3:
         return images.mean(dim=1, keepdim=True)
-    weights = torch.tensor(_LUMA, dtype=images.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 

@@ -82,7 +82,8 @@ class ClassImageSampler:
     actually uses. Every draw comes from the given ``torch.Generator`` through batched ops, so a
     seed fixes the tasks exactly and a meta-batch costs the same few kernels whatever its size.
 
-    ``images`` is ``[num_sources, drawings, H, W]`` uint8 (H == W when rotations are used);
+    ``images`` is ``[num_sources, drawings, H, W]`` uint8 (H == W when rotations are used), on
+    the CPU or the training device (``dataset.on_device``: the batch is then made there);
     ``class_source`` and ``class_rotation`` (quarter turns counter-clockwise, 0-3) are ``[C]``.
     """
 
@@ -128,19 +129,24 @@ class ClassImageSampler:
         keys = torch.rand(batch, ways, drawings, generator=generator)
         picks = keys.topk(per_class, dim=2).indices  # [B, N, K+Q]
 
+        # The images may live on the training device (dataset.on_device): the draws above are
+        # the CPU generator's, and only the index tensors go there.
+        device = self.images.device
         sources = self.class_source[classes]  # [B, N]
-        images = self.images[sources.unsqueeze(-1), picks]  # [B, N, K+Q, H, W] uint8
+        # [B, N, K+Q, H, W] uint8
+        images = self.images[sources.unsqueeze(-1).to(device), picks.to(device)]
         rotations = self.class_rotation[classes]
         for quarter_turns in (1, 2, 3):
             mask = rotations == quarter_turns
             if bool(mask.any()):
+                mask = mask.to(device)
                 images[mask] = torch.rot90(images[mask], quarter_turns, dims=(-2, -1))
         images = images.to(torch.float32).div_(255.0).unsqueeze(3)  # [B, N, K+Q, 1, H, W]
 
         image_shape = images.shape[3:]
         support_x = images[:, :, :shots].reshape(batch, ways * shots, *image_shape)
         query_x = images[:, :, shots:].reshape(batch, ways * self.queries, *image_shape)
-        labels = torch.arange(ways)
+        labels = torch.arange(ways, device=device)
         support_y = labels.repeat_interleave(shots).repeat(batch, 1)
         query_y = labels.repeat_interleave(self.queries).repeat(batch, 1)
         return TaskBatch(support_x, support_y, query_x, query_y)
@@ -197,13 +203,14 @@ class ClassImageBatchSampler:
 
     def sample(self, generator: torch.Generator) -> LabeledBatch:
         """``batch_size`` images, float32 in [0, 1], ``[n, 1, H, W]``, with their class indices."""
-        size = self.batch_size
+        size, device = self.batch_size, self.images.device
         labels = torch.randint(self.num_classes, (size,), generator=generator)
         drawings = torch.randint(self.images.shape[1], (size,), generator=generator)
-        images = self.images[self.class_source[labels], drawings]  # [n, H, W] uint8, a copy
+        images = self.images[self.class_source[labels].to(device), drawings.to(device)]  # a copy
         rotations = self.class_rotation[labels]
         for quarter_turns in (1, 2, 3):
             mask = rotations == quarter_turns
             if bool(mask.any()):
+                mask = mask.to(device)
                 images[mask] = torch.rot90(images[mask], quarter_turns, dims=(-2, -1))
-        return LabeledBatch(images.to(torch.float32).div_(255.0).unsqueeze(1), labels)
+        return LabeledBatch(images.to(torch.float32).div_(255.0).unsqueeze(1), labels.to(device))

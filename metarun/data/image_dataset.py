@@ -8,13 +8,23 @@ write the images into the cache. Everything after that, the trainer's view of a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from metarun.checks import positive_int
+import torch
+
+from metarun.checks import auto_or_bool, positive_int
 from metarun.data.augment import build_augmentation
 from metarun.data.image_cache import CachePlan, default_cache_dir, load_or_build
-from metarun.data.images import ClassRowsSampler, ClassSplit, Normalize, RowBatchSampler
+from metarun.data.images import (
+    ClassRowsSampler,
+    ClassSplit,
+    DeviceImageRows,
+    Normalize,
+    RowBatchSampler,
+)
+from metarun.data.on_device import store_device
 from metarun.errors import ConfigError
 
 PHASES = ("train", "val", "test")
@@ -44,7 +54,9 @@ class ImageDataset:
         std: Sequence[float] | None = None,
         augment: object = None,
         in_memory: bool | None = None,
+        on_device: object = "auto",
     ) -> None:
+        self.on_device = auto_or_bool(on_device, "dataset.on_device")
         self.image_size = positive_int(image_size, "dataset.image_size")
         self.channels = positive_int(channels, "dataset.channels")
         if self.channels not in (1, 3):
@@ -69,6 +81,15 @@ class ImageDataset:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ what the trainer asks
+    def place_on(self, device: torch.device) -> None:
+        """The images on the run's ``device`` when ``on_device`` says so and they fit
+        (``metarun.data.on_device``); called before any sampler is made."""
+        if isinstance(self.images, DeviceImageRows):
+            return
+        target = store_device(self.on_device, math.prod(self.images.shape), device)
+        if target is not None:
+            self.images = self.images.to_device(target)
+
     def output_size(self, ways: int) -> int:
         return ways
 

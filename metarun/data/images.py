@@ -9,6 +9,10 @@ explicit ``torch.Generator``, gather the rows, and turn them into normalised flo
 Large stores (tiered-ImageNet, about 16.5 GB as uint8) stay on disk, memory-mapped: a gather
 reads only the rows it needs, and the pages it touched are handed back to the kernel afterwards,
 so a run's resident memory stays the size of a few meta-batches, not of the dataset.
+
+A store that fits can be copied once to the training GPU (``dataset.on_device``,
+``metarun.data.on_device``): ``DeviceImageRows`` gathers there, the samplers normalise there, and
+the batch arrives on the device. The row draws stay the CPU generator's.
 """
 
 from __future__ import annotations
@@ -71,6 +75,41 @@ class ImageRows:
             self._mapping.madvise(mmap.MADV_DONTNEED)
         return torch.from_numpy(picked).reshape(*rows.shape, *self.array.shape[1:])
 
+    def to_device(self, device: torch.device, chunk_bytes: int = 64 << 20) -> DeviceImageRows:
+        """Every row copied to ``device``, a chunk at a time (a mapped store's pages released
+        after each chunk, as its gathers do), so host memory never holds the whole store."""
+        rows = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        step = max(1, chunk_bytes // max(1, int(np.prod(self.shape[1:]))))
+        for first in range(0, self.shape[0], step):
+            chunk = np.array(self.array[first:first + step])  # a writable copy for torch
+            rows[first:first + step].copy_(torch.from_numpy(chunk))
+            if not self.resident:
+                self._mapping.madvise(mmap.MADV_DONTNEED)
+        return DeviceImageRows(rows)
+
+
+class DeviceImageRows:
+    """The rows of an ``ImageRows`` held on a device: ``gather`` indexes there (the row
+    indices, drawn on the CPU, are the only thing sent)."""
+
+    def __init__(self, images: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [rows, C, H, W], got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        self.images = images
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.images.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """The images at ``rows`` (CPU int64, any shape), ``[*rows.shape, C, H, W]`` uint8."""
+        return self.images[rows.to(self.images.device)]
+
 
 class Normalize:
     """uint8 -> float32 ``(x / 255 - mean) / std`` per channel (the dataset's statistics), with
@@ -83,16 +122,28 @@ class Normalize:
         self.mean = torch.tensor([float(value) for value in mean]).view(-1, 1, 1)
         self.scale = 1.0 / (255.0 * self.std)
         self.shift = self.mean / self.std
+        #: The four constants on each device images came from (copied there once).
+        self._on_device: dict[torch.device, tuple[Tensor, ...]] = {}
 
     def __call__(self, images: Tensor, augment: Augmentation | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """``images`` uint8 ``[..., C, H, W]``; ``augment`` needs the ``generator``."""
+        """``images`` uint8 ``[..., C, H, W]`` on any device; ``augment`` needs the
+        ``generator`` (a CPU one: its draws are moved to the images)."""
+        scale, shift, mean, std = self._constants(images.device)
         if augment is None:
-            return images.to(torch.float32).mul_(self.scale).sub_(self.shift)
+            return images.to(torch.float32).mul_(scale).sub_(shift)
         shape = images.shape
         flat = images.reshape(-1, *shape[-3:]).to(torch.float32).div_(255.0)
         flat = augment(flat, generator)
-        return flat.sub_(self.mean).div_(self.std).reshape(shape)
+        return flat.sub_(mean).div_(std).reshape(shape)
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, ...]:
+        constants = (self.scale, self.shift, self.mean, self.std)
+        if device == self.scale.device:
+            return constants
+        if device not in self._on_device:
+            self._on_device[device] = tuple(value.to(device) for value in constants)
+        return self._on_device[device]
 
 
 class ClassSplit:
@@ -123,8 +174,9 @@ class ClassRowsSampler:
     ``augment`` (training only) is applied to the whole meta-batch as tensor ops.
     """
 
-    def __init__(self, images: ImageRows, split: ClassSplit, ways: int, shots: int, queries: int,
-                 normalize: Normalize, augment: Augmentation | None = None) -> None:
+    def __init__(self, images: ImageRows | DeviceImageRows, split: ClassSplit, ways: int,
+                 shots: int, queries: int, normalize: Normalize,
+                 augment: Augmentation | None = None) -> None:
         if not 1 <= ways <= len(split):
             raise ValueError(f"ways={ways} needs 1..{len(split)} classes")
         if shots < 1 or queries < 1 or shots + queries > split.fewest[0]:
@@ -156,7 +208,7 @@ class ClassRowsSampler:
                                    self.augment, generator)
         query_x = self.normalize(self.images.gather(rows[:, :, shots:].reshape(batch, -1)),
                                  self.augment, generator)
-        labels = torch.arange(ways)
+        labels = torch.arange(ways, device=support_x.device)
         support_y = labels.repeat_interleave(shots).repeat(batch, 1)
         query_y = labels.repeat_interleave(queries).repeat(batch, 1)
         return TaskBatch(support_x, support_y, query_x, query_y)
@@ -166,7 +218,7 @@ class RowBatchSampler:
     """Mini-batches of images drawn uniformly (with replacement) from all images of a split,
     labelled by class index within the split: pre-training for the transfer baselines."""
 
-    def __init__(self, images: ImageRows, split: ClassSplit, batch_size: int,
+    def __init__(self, images: ImageRows | DeviceImageRows, split: ClassSplit, batch_size: int,
                  normalize: Normalize, augment: Augmentation | None = None) -> None:
         if len(split) < 1 or batch_size < 1:
             raise ValueError(f"need classes and batch_size >= 1, got {batch_size}")
@@ -188,4 +240,4 @@ class RowBatchSampler:
         first_of_class = self.ends[labels] - self.split.count[labels]
         rows = self.split.start[labels] + (picks - first_of_class)
         images = self.normalize(self.images.gather(rows), self.augment, generator)
-        return LabeledBatch(images, labels)
+        return LabeledBatch(images, labels.to(images.device))

@@ -18,7 +18,8 @@ Splits (meta-train / meta-val / meta-test never share a character):
   ``LAKE_VAL_ALPHABETS`` in sorted order, which are meta-val; meta-test is the evaluation set.
 
 Only the uint8 base images stay in memory (one byte a pixel: 32,460 x 28 x 28 bytes, about 25 MB,
-at 28 px); a split is two index tensors.
+at 28 px); a split is two index tensors. With ``on_device`` (``metarun.data.on_device``) they are
+copied once to the training GPU, where episodes are then gathered.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from metarun.checks import auto_or_bool
 from metarun.data.download import download as fetch
 from metarun.data.episodes import ClassImageBatchSampler, ClassImageSampler
 from metarun.data.image_cache import default_cache_dir
 from metarun.data.omniglot_files import Source, decode_sources, source_files
+from metarun.data.on_device import store_device
 from metarun.errors import ConfigError, DataError, short_reason
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,9 @@ class Omniglot:
         cache_dir: str | None = None,
         download: bool = True,
         image_size: int = 28,
+        on_device: object = "auto",
     ) -> None:
+        self.on_device = auto_or_bool(on_device, "dataset.on_device")
         if split not in SPLITS:
             raise ConfigError(f"dataset.split={split!r} is not an Omniglot split; choose one of "
                               f"{', '.join(SPLITS)}")
@@ -103,6 +108,13 @@ class Omniglot:
             self.classes = _vinyals_classes(split_lists, self.characters)
         else:
             self.classes = _lake_classes(self.characters, self.character_sets)
+
+    def place_on(self, device: torch.device) -> None:
+        """The images on the run's ``device`` when ``on_device`` says so (before any sampler is
+        made: samplers keep the tensor they were given)."""
+        target = store_device(self.on_device, self.images.numel(), device)
+        if target is not None:
+            self.images = self.images.to(target)
 
     def output_size(self, ways: int) -> int:
         return ways
