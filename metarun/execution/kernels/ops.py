@@ -8,10 +8,11 @@ fall back to those functions for anything else (or when the kernels are not buil
   (``cpu_kernels.c``). Its backward is itself an ``autograd.Function`` whose backward is the
   analytic double backward, so second-order MAML's Hessian-vector products go through it; a
   third derivative is refused with an error, as nothing in metarun takes one;
-- max-pool's forward is the kernel (PyTorch's NCHW path walks each plane slowly); its backward
-  is PyTorch's own ``max_pool2d_with_indices_backward``, differentiable in turn. Other layouts
-  that take a gradient on the CPU (channels-last) get PyTorch's forward keeping only the
-  indices, not the input, for the backward pass (less held while a task's graph is alive).
+- max-pool's forward is the kernel (PyTorch's NCHW path walks each plane slowly). It keeps only
+  its indices for the backward pass, not its input (a block's batch-norm output, four times its
+  own size, which nothing else keeps): the backward puts each gradient back where the pool
+  picked (``max_unpool2d``; the windows do not overlap), differentiable in turn. Other layouts
+  that take a gradient on the CPU (channels-last) get PyTorch's forward, keeping the same.
 
 Both are exact reformulations: float64 gradients and second derivatives agree with PyTorch's to
 rounding (``tests/test_kernels.py``), and max-pool picks the same element on ties.
@@ -150,14 +151,13 @@ class _MaxPool2x2(torch.autograd.Function):
         (x,) = inputs
         _, indices = output
         ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(x, indices)
+        ctx.save_for_backward(indices)
+        ctx.size = x.shape[-2:]
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, _indices: Any) -> Tensor:
-        x, indices = ctx.saved_tensors
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_y, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
-        )
+        (indices,) = ctx.saved_tensors
+        return F.max_unpool2d(grad_y.contiguous(), indices, 2, output_size=ctx.size)
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
