@@ -97,5 +97,7 @@ def test_relationnet_probabilities_are_its_scores_over_their_sum(fake_root) -> N
     with torch.no_grad():
         scores = algorithm.relation_scores(batch).double()
     expected = scores / scores.sum(-1, keepdim=True)
-    torch.testing.assert_close(algorithm.query_probabilities(batch), expected)
+    # float32: evaluation runs the executed copies on the task threads (channels-last on two
+    # threads), the reference the plain modules, so they agree to rounding, not bit for bit.
+    torch.testing.assert_close(algorithm.query_probabilities(batch), expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(algorithm.query_probabilities(batch), scores.softmax(-1))
