@@ -145,3 +145,19 @@ def build_fake_omniglot(
 def make_fake_omniglot() -> Callable[..., Path]:
     """``make_fake_omniglot(root, form="zip", ...)``: see ``build_fake_omniglot``."""
     return build_fake_omniglot
+
+
+@pytest.fixture
+def task_thread_counts(monkeypatch) -> list[int]:
+    """How many task threads each ``drivers.run_tasks`` call used, one entry per call."""
+    from metarun.execution import drivers
+
+    counts: list[int] = []
+    original = drivers.run_tasks
+
+    def counting(work, tasks, modules):
+        counts.append(len(modules))
+        return original(work, tasks, modules)
+
+    monkeypatch.setattr(drivers, "run_tasks", counting)
+    return counts

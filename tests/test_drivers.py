@@ -143,7 +143,7 @@ def metric_learner(name: str, body: str, seed: int = 5):
     ],
 )
 def test_metric_learners_on_the_task_threads_give_the_single_graph_meta_gradients(
-    algo, body, workers, restore_threads, monkeypatch
+    algo, body, workers, restore_threads, monkeypatch, task_thread_counts
 ):
     # The definition: every task in the calling thread, the modules as written, one graph on the
     # meta-parameters, the mean of the tasks' losses, one backward. The driver: each task on a
@@ -151,16 +151,8 @@ def test_metric_learners_on_the_task_threads_give_the_single_graph_meta_gradient
     algorithm = metric_learner(algo, body)
     batch = make_batch("classification", input_shape(body), seed=6, tasks=4)
     torch.set_num_threads(workers)
-    used = []
-    original = drivers.run_tasks
-
-    def spy(work, tasks, modules):
-        used.append(len(modules))
-        return original(work, tasks, modules)
-
-    monkeypatch.setattr(drivers, "run_tasks", spy)
     loss, grads = meta_step(algorithm, batch, threads=workers)
-    assert used == [workers]
+    assert task_thread_counts == [workers]
     monkeypatch.undo()
     expected_loss, expected = single_graph_meta_gradients(algorithm, batch, monkeypatch)
     assert loss == pytest.approx(expected_loss, rel=1e-12)

@@ -385,23 +385,15 @@ def test_short_meta_training_lowers_post_adaptation_error() -> None:
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_conv_evaluation_on_the_task_threads_equals_vmap(first_order: bool, monkeypatch) -> None:
+def test_conv_evaluation_on_the_task_threads_equals_vmap(
+    first_order: bool, task_thread_counts
+) -> None:
     # Under no_grad and under inference_mode the tasks run on the CPU task threads (autograd
     # inner loop); vmap (torch.func.grad, plain-ops batch-norm) is the reference. Float64.
-    from metarun.execution import drivers
-
     torch.manual_seed(0)
     maml = MAML(Conv4((1, 16, 16), WAYS).double(), "classification", 0.4, 1, test_inner_steps=3,
                 first_order=first_order)
     batch = make_batch("classification", (1, 16, 16), seed=9, tasks=5)
-    workers = []
-    original = drivers.run_tasks
-
-    def spy(work, tasks, modules):
-        workers.append(len(modules))
-        return original(work, tasks, modules)
-
-    monkeypatch.setattr(drivers, "run_tasks", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -414,7 +406,7 @@ def test_conv_evaluation_on_the_task_threads_equals_vmap(first_order: bool, monk
     maml.task_batching = "vmap"
     with torch.no_grad():
         reference = maml.evaluate(batch)
-    assert workers == [2, 2]  # both calls ran on two threads
+    assert task_thread_counts == [2, 2]  # both calls ran on two threads
     for key in threaded:
         torch.testing.assert_close(threaded[key], reference[key], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(inference[key], reference[key], rtol=1e-10, atol=1e-12)

@@ -66,6 +66,19 @@ def _interrupt_after(trainer, iteration: int) -> None:
     trainer.algorithm.meta_train_step = step
 
 
+def _straight_then_interrupted(make, tmp_path, *overrides: str):
+    """``make(folder, *overrides)`` run straight through in ``straight/``, and again in ``split/``
+    stopped during iteration 6 (between checkpoints, inside a schedule step) as SIGTERM stops
+    it; returns the two folders, for the caller to resume ``split/`` and compare."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    make(straight, *overrides).run()
+    interrupted = make(split, *overrides)
+    _interrupt_after(interrupted, 6)
+    with pytest.raises(RunInterrupted):
+        interrupted.run()
+    return straight, split
+
+
 def _poison(trainer, at_iterations: set[int]) -> None:
     """A NaN meta-loss at the given (1-based) iterations, as a diverging run would have."""
     real_step = trainer.algorithm.meta_train_step
@@ -124,12 +137,7 @@ def test_a_skipped_batch_still_counts_as_an_iteration_of_the_schedule(tmp_path):
 
 @pytest.mark.parametrize("schedule", [STEP, ["scheduler=cosine"]], ids=["step", "cosine"])
 def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, schedule):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _trainer(straight, *schedule).run()
-    interrupted = _trainer(split, *schedule)
-    _interrupt_after(interrupted, 6)  # between checkpoints and inside a schedule step
-    with pytest.raises(RunInterrupted):
-        interrupted.run()
+    straight, split = _straight_then_interrupted(_trainer, tmp_path, *schedule)
     assert load_checkpoint(split / "checkpoints" / "last.pt")["iteration"] == 6
     _trainer(split, *schedule, f"resume={split}").run()
 
@@ -143,12 +151,7 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, sch
 
 
 def test_a_checkpoint_from_before_schedules_still_resumes(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _trainer(straight).run()
-    interrupted = _trainer(split)
-    _interrupt_after(interrupted, 6)
-    with pytest.raises(RunInterrupted):
-        interrupted.run()
+    straight, split = _straight_then_interrupted(_trainer, tmp_path)
     # What an older metarun wrote: no "scheduler" in the state nor in the saved config.
     last = split / "checkpoints" / "last.pt"
     state = load_checkpoint(last)

@@ -13,9 +13,9 @@ from metarun.build import make_trainer
 from metarun.checkpoint import load_checkpoint
 from metarun.cli import _register_resolvers
 from metarun.config import register_configs
-from metarun.trainer import NumericalError, RunInterrupted
+from metarun.trainer import NumericalError
 from tests.runs import read_scalars
-from tests.test_scheduler import _interrupt_after
+from tests.test_scheduler import _straight_then_interrupted
 
 TINY = [
     "trainer.max_iters=12",
@@ -131,12 +131,7 @@ def test_an_overflowing_fp16_step_of_a_clipping_algorithm_is_still_skipped(tmp_p
 
 
 def test_a_clipped_run_resumes_exactly(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _metalstm(straight).run()
-    interrupted = _metalstm(split)
-    _interrupt_after(interrupted, 6)
-    with pytest.raises(RunInterrupted):
-        interrupted.run()
+    straight, split = _straight_then_interrupted(_metalstm, tmp_path)
     _metalstm(split, f"resume={split}").run()
     for name in ("meta_train/loss", "meta_train/meta_grad_norm"):
         assert read_scalars(split)[name] == read_scalars(straight)[name], name
