@@ -61,3 +61,37 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
     }
+
+
+def omniglot_learning_run(
+    tmp_path: Path, data_root: Path, cache_dir: Path, iterations: int, test_episodes: int,
+    *overrides: str,
+) -> dict:
+    """A learning run on the real Omniglot, 5-way 1-shot with 5 queries per class, conv4 at 16
+    channels, seed 0, one thread, validation and logging only at the end; its results.json."""
+    proc = run_metarun(
+        "dataset=omniglot",
+        f"dataset.root={data_root}",
+        f"dataset.cache_dir={cache_dir}",
+        "dataset.download=false",
+        "backbone.channels=16",
+        "task.ways=5",
+        "task.shots=1",
+        "task.queries=5",
+        f"trainer.max_iters={iterations}",
+        f"trainer.val_every={iterations}",
+        "trainer.val_episodes=20",
+        f"trainer.test_episodes={test_episodes}",
+        f"trainer.log_every={iterations}",
+        "trainer.ckpt_every=1000",
+        "trainer.eval_batch_size=100",
+        "trainer.progress=false",
+        "seed=0",
+        # One thread: the same CPU time, and no threads spinning against other jobs' threads.
+        "threads=1",
+        "hydra.run.dir=run",
+        *overrides,
+        cwd=tmp_path,
+    )
+    check_ok(proc)
+    return read_results(tmp_path / "run")

@@ -12,7 +12,7 @@ from metarun.data.episodes import TaskBatch
 from metarun.data.sequences import EpisodeSequence
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from tests.runs import check_ok, read_results, run_metarun
+from tests.runs import omniglot_learning_run
 
 SLOTS, SIZE = 6, 4
 DOUBLE = torch.float64
@@ -172,38 +172,16 @@ TEST_EPISODES = 200
 
 
 def test_learns_omniglot_5way_1shot(tmp_path, shared_data_root, omniglot_cache_dir) -> None:
-    proc = run_metarun(
+    results = omniglot_learning_run(
+        tmp_path, shared_data_root, omniglot_cache_dir, ITERATIONS, TEST_EPISODES,
         "algo=mann",
-        "dataset=omniglot",
-        f"dataset.root={shared_data_root}",
-        f"dataset.cache_dir={omniglot_cache_dir}",
-        "dataset.download=false",
-        "backbone.channels=16",
         "algo.train_shots=5",
         "algo.memory_slots=16",
         "algo.controller_size=64",
         "algo.read_heads=1",
         "optimizer.lr=3e-3",
-        "task.ways=5",
-        "task.shots=1",
-        "task.queries=5",
         "task.meta_batch_size=6",
-        f"trainer.max_iters={ITERATIONS}",
-        f"trainer.val_every={ITERATIONS}",
-        "trainer.val_episodes=20",
-        f"trainer.test_episodes={TEST_EPISODES}",
-        f"trainer.log_every={ITERATIONS}",
-        "trainer.ckpt_every=1000",
-        "trainer.eval_batch_size=100",
-        "trainer.progress=false",
-        "seed=0",
-        # One thread: the same CPU time, and no threads spinning against other jobs' threads.
-        "threads=1",
-        "hydra.run.dir=run",
-        cwd=tmp_path,
     )
-    check_ok(proc)
-    results = read_results(tmp_path / "run")
     assert results["algo"] == "mann" and results["iterations"] == ITERATIONS
     test = results["meta_test"]
     assert test["metric"] == "accuracy" and test["episodes"] == TEST_EPISODES
