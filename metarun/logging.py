@@ -20,6 +20,27 @@ from torch.utils.tensorboard import SummaryWriter
 log = logging.getLogger("metarun")
 
 
+def _event_file_second(path: Path) -> int:
+    try:
+        return int(path.name.split(".")[3])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _wait_for_a_later_file_name(log_dir: Path) -> None:
+    """Wait, if need be, until a new events file's name sorts after those already in
+    ``log_dir``: TensorBoard reads a folder's files in name order, and a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``. Two files of the same second can
+    sort the wrong way round (pid or counter 9 before 10): the resumed run's events would then
+    be read first and the interrupted run's, read after them, purged as stale. Seen when a run is
+    interrupted and resumed within one second in one process (tests, an in-process sweep)."""
+    seconds = [_event_file_second(p) for p in log_dir.glob("events.out.tfevents.*")]
+    if not seconds:
+        return
+    while time.time() < max(seconds) + 1:
+        time.sleep(max(seconds) + 1 - time.time())
+
+
 class RunLogger:
     """Scalars to TensorBoard under ``<run_dir>/tensorboard``.
 
@@ -30,6 +51,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.log_dir = Path(run_dir) / "tensorboard"
+        _wait_for_a_later_file_name(self.log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:

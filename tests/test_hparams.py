@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from metarun.logging import flat_hparams
-from tests.runs import SINUSOID_TINY, check_ok, read_results, run_metarun
+from metarun.logging import RunLogger, flat_hparams
+from tests.runs import SINUSOID_TINY, check_ok, read_results, read_scalars, run_metarun
 
 TENSORBOARD = str(Path(sys.executable).with_name("tensorboard"))
 
@@ -122,3 +122,26 @@ def test_a_sweep_appears_in_tensorboards_hparams_tab(tmp_path, tensorboard_for):
             assert run["algo"] == algo
             logged = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
             assert math.isclose(logged["meta_test/mse"], run["meta_test"]["mean"], rel_tol=1e-6)
+
+
+def test_a_resumed_log_reads_back_after_the_interrupted_one_within_one_second(
+    tmp_path, monkeypatch
+):
+    """TensorBoard reads a folder's event files in name order, and names end
+    ``<second>.<host>.<pid>.<counter>``: with the counter at 9 then 10 in one second (an
+    interrupted run resumed in the same process), the resumed file would sort first and the
+    interrupted run's steps be purged as stale (a flaky fp16 resume test was this)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    interrupted = RunLogger(tmp_path)
+    for step in range(1, 7):
+        interrupted.scalars("meta_train", {"loss": float(step)}, step)
+    interrupted.close()
+    resumed = RunLogger(tmp_path, purge_step=5)  # the checkpoint was at 4
+    for step in range(5, 9):
+        resumed.scalars("meta_train", {"loss": 10.0 * step}, step)
+    resumed.close()
+    assert read_scalars(tmp_path)["meta_train/loss"] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0), (8, 80.0)
+    ]
