@@ -159,16 +159,17 @@ def main() -> None:
     sys.argv += _follower_overrides()
     register_configs()
     _register_resolvers()
+    code: int | str | None = 1
     try:
         _run()
-        code: int | str | None = 0
+        code = 0
     except SystemExit as exit_:
         code = exit_.code
     finally:
         if "torch.distributed" in sys.modules:
             from metarun.distributed import stop
 
-            stop()
+            stop(all_finished=code == 0)
     failed_jobs = sweep.report()
     sys.exit(1 if failed_jobs and not code else code)
 

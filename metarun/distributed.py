@@ -218,6 +218,16 @@ def _export_slurm_environment() -> None:
         ) from error
 
 
-def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def stop(all_finished: bool = False) -> None:
+    """Leave the process group. After a run that finished on this rank, first wait (a minute at
+    most, never a hang) for every rank to get here: gloo ranks that tore down one after the
+    other, while the last messages were still in flight, were seen to abort in gloo's teardown
+    ("terminate called without an active exception") after all their work was done."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if all_finished and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except RuntimeError as error:  # a rank that failed: its own error is the one to read
+            log.warning("metarun: not every rank finished: %s", str(error).splitlines()[0])
+    dist.destroy_process_group()

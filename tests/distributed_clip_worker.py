@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from metarun.algorithms.metalstm import MetaLSTM
 from metarun.data.episodes import TaskBatch
-from metarun.distributed import Parallel, start
+from metarun.distributed import Parallel, start, stop
 from metarun.precision import Precision
 from metarun.trainer import meta_update
 
@@ -70,4 +69,4 @@ report = {"rank": parallel.rank, "tasks": shard.support_x.shape[0], "norm": norm
           "whole_norm": whole_norm, "max_abs_difference": farthest(algorithm),
           "per_rank_clip_difference": farthest(per_rank)}
 Path(f"clip-rank{parallel.rank}.json").write_text(json.dumps(report), encoding="utf-8")
-dist.destroy_process_group()
+stop(all_finished=True)

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from metarun.algorithms.maml import MAML
 from metarun.data.sinusoid import Sinusoid
-from metarun.distributed import start
+from metarun.distributed import start, stop
 from metarun.models.mlp import MLP
 
 parallel = start("cpu")
@@ -42,4 +41,4 @@ report = {"rank": parallel.rank, "world": parallel.world_size, "tasks": shard.su
           "share": share, "max_abs_difference": difference, "gradient_scale": scale}
 # A file per rank: two processes printing at once can interleave their lines.
 Path(f"grad-rank{parallel.rank}.json").write_text(json.dumps(report), encoding="utf-8")
-dist.destroy_process_group()
+stop(all_finished=True)

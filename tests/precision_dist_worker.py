@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from metarun.distributed import start
+from metarun.distributed import start, stop
 from metarun.precision import Precision
 
 parallel = start("cpu")
@@ -45,4 +44,4 @@ for step in range(2):
         "weights": [v for p in model.parameters() for v in p.detach().reshape(-1).tolist()],
     })
 Path(f"rank{parallel.rank}.json").write_text(json.dumps(lines))
-dist.destroy_process_group()
+stop(all_finished=True)
