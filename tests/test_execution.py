@@ -12,7 +12,9 @@ from torch.func import functional_call
 from metarun.execution import executed as execution
 from metarun.execution.executed import (
     FusedBatchNorm2d,
+    FusedBatchNormMaxPool2d,
     FusedMaxPool2d,
+    PooledAlready,
     execution_copy,
     follow_modes,
 )
@@ -23,7 +25,9 @@ def test_relu_moves_after_max_pool_and_the_norms_and_pools_are_fused() -> None:
     model = Conv4((1, 28, 28), 5)
     clone = execution_copy(model)
     for block in clone.features[:4]:
-        assert [type(m) for m in block] == [nn.Conv2d, FusedBatchNorm2d, FusedMaxPool2d, nn.ReLU]
+        assert [type(m) for m in block] == [
+            nn.Conv2d, FusedBatchNormMaxPool2d, PooledAlready, nn.ReLU  # norm and pool: one op
+        ]
     assert [type(m) for m in model.features[0]] == [
         nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d  # the original is untouched
     ]
@@ -36,11 +40,14 @@ def test_only_exact_rewrites_are_made() -> None:
         nn.LeakyReLU(), nn.MaxPool2d(2),  # not monotone through zero like ReLU: kept
         nn.BatchNorm2d(3),  # running statistics: PyTorch's kernel, which updates them
         nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1),
+        nn.BatchNorm2d(3, track_running_stats=False), nn.MaxPool2d(3),  # not a 2x2 pool
+        nn.BatchNorm2d(3, track_running_stats=False), nn.Identity(), nn.MaxPool2d(2),  # apart
     )
     clone = execution_copy(model)
     assert [type(m) for m in clone] == [
         nn.ReLU, nn.MaxPool2d, nn.LeakyReLU, FusedMaxPool2d, nn.BatchNorm2d, nn.MaxPool2d,
-        nn.MaxPool2d,
+        nn.MaxPool2d, FusedBatchNorm2d, nn.MaxPool2d, FusedBatchNorm2d, nn.Identity,
+        FusedMaxPool2d,
     ]
 
 

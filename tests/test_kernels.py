@@ -103,81 +103,193 @@ def test_batch_norm_float32_is_close_and_third_derivatives_are_refused() -> None
     torch.autograd.grad((gx**2).sum(), [x, w])
 
 
-@pytest.mark.usefixtures("built")
-def test_max_pool_matches_pytorch_with_ties_and_nan() -> None:
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 4, 7, 9, generator=g, dtype=torch.float64)  # odd sizes: floor mode
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _pool_input(seed: int, layout: torch.memory_format, shape=(3, 4, 7, 9)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)  # odd sizes: floor mode
     x[:, :, :4, :4] = 1.0  # ties: the first maximum in row-major order wins
     x[0, 0, 5, 5] = float("nan")
     x[1, 2, 0:2, 4:6] = -float("inf")
-    x = x.requires_grad_()
-    y, want = ops.max_pool2x2(x), F.max_pool2d(x, 2)
-    torch.testing.assert_close(y, want, equal_nan=True)
-    cotangent = torch.randn(y.shape, generator=g, dtype=y.dtype)
-    (got_grad,) = torch.autograd.grad((y.nan_to_num() * cotangent).sum(), x, create_graph=True)
-    (want_grad,) = torch.autograd.grad((want.nan_to_num() * cotangent).sum(), x, create_graph=True)
-    assert torch.equal(got_grad, want_grad)
+    return x.contiguous(memory_format=layout)
+
+
+def _pool_derivatives(pool, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The pool's output, the gradient of its input, the derivative of a function of that
+    gradient with respect to the cotangent (the pool's double backward), and of that with
+    respect to the function's vector (a third backward)."""
+    leaf = x.clone().requires_grad_()
+    y = pool(leaf)
+    cotangent = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape).requires_grad_()
+    (grad,) = torch.autograd.grad((y.nan_to_num() * cotangent).sum(), leaf, create_graph=True)
+    vector = torch.linspace(2, -1, x.numel(), dtype=x.dtype).reshape(x.shape).requires_grad_()
+    (second,) = torch.autograd.grad((grad * vector).sum(), cotangent, create_graph=True)
+    (third,) = torch.autograd.grad((second**2).sum(), vector)
+    return y, grad, second, third
 
 
 @pytest.mark.usefixtures("built")
-def test_max_pool_second_order_through_the_cotangent() -> None:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
-    vector = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
-
-    def second(pool):
-        cotangent = torch.ones(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-        leaf = x.clone().requires_grad_()
-        (grad,) = torch.autograd.grad((pool(leaf) * cotangent).sum(), leaf, create_graph=True)
-        return torch.autograd.grad((grad * vector).sum(), cotangent)[0]
-
-    assert torch.equal(second(ops.max_pool2x2), second(lambda t: F.max_pool2d(t, 2)))
-
-
-def _channels_last_input(seed: int, shape=(3, 4, 7, 9)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    x[:, :, :4, :4] = 1.0  # ties
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def test_channels_last_max_pool_matches_pytorch_to_second_order() -> None:
-    x = _channels_last_input(6)
-    vector = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-
-    def derivatives(pool):
-        leaf = x.clone().requires_grad_()
-        y = pool(leaf)
-        cotangent = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
-        cotangent.requires_grad_()
-        (grad,) = torch.autograd.grad((y * cotangent).sum(), leaf, create_graph=True)
-        (second,) = torch.autograd.grad((grad * vector).sum(), cotangent)
-        return y, grad, second
-
-    got, want = derivatives(ops.max_pool2x2), derivatives(lambda t: F.max_pool2d(t, 2))
-    for a, b in zip(got, want, strict=True):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_max_pool_matches_pytorch_to_third_order_with_ties_and_nan(layout) -> None:
+    x = _pool_input(4, layout)
+    got = _pool_derivatives(ops.max_pool2x2, x)
+    want = _pool_derivatives(lambda t: F.max_pool2d(t, 2), x)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    for a, b in zip(got[1:], want[1:], strict=True):
         assert torch.equal(a, b)
-    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    # the input's gradient in the input's layout, as PyTorch's pool gives it
+    assert got[1].is_contiguous(memory_format=layout)
+    assert got[1].stride() == want[1].stride()
 
 
-def test_channels_last_max_pool_keeps_only_its_indices_for_backward() -> None:
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_max_pool_takes_upstream_gradients_of_another_layout(layout) -> None:
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    x = _pool_input(5, layout, shape=(2, 3, 6, 8))
+
+    def pool_then_relayout(pool):
+        def run(t):
+            return pool(t).contiguous(memory_format=other) * 3
+
+        return run
+
+    got = _pool_derivatives(pool_then_relayout(ops.max_pool2x2), x)
+    want = _pool_derivatives(pool_then_relayout(lambda t: F.max_pool2d(t, 2)), x)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert torch.equal(a, b)
+
+
+def _saved(pool, layout: torch.memory_format) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    x = _pool_input(8, layout).float().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pool(x * 2)  # a fresh activation, as a batch-norm output is
+    return saved
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_max_pool_keeps_one_byte_per_output_for_backward(layout) -> None:
     """PyTorch's max-pool keeps its input (a block's batch-norm output, four times its output)
-    for the backward pass; metarun's keeps the indices alone, so that input is freed."""
+    and 8-byte indices for the backward pass; metarun's keeps which of the window's four it
+    took, one byte per output, so a block's pool keeps a sixteenth of what its input takes."""
+    assert ((3, 4, 7, 9), torch.float32) in _saved(lambda t: F.max_pool2d(t, 2), layout)
+    assert _saved(ops.max_pool2x2, layout) == [((3, 4, 3, 4), torch.uint8)]
 
-    def saved_shapes(pool) -> list[tuple[int, ...]]:
-        shapes: list[tuple[int, ...]] = []
 
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            shapes.append(tuple(tensor.shape))
-            return tensor
+def _bn_pool_native(x, w, b):
+    return F.max_pool2d(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), 2)
 
-        x = _channels_last_input(8).float().requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            pool(x * 2)  # a fresh activation, as a batch-norm output is
-        return shapes
 
-    assert (3, 4, 7, 9) in saved_shapes(lambda t: F.max_pool2d(t, 2))  # what it avoids
-    assert saved_shapes(ops.max_pool2x2) == [(3, 4, 3, 4)]
+def _bn_pool_fused(x, w, b):
+    return ops.batch_norm_max_pool2x2(x, w, b, 1e-5)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 7, 5), (1, 2, 3, 3), (25, 8, 28, 28)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_then_pool_in_one_op_matches_pytorch_to_second_order(
+    layout, shape, affine
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).contiguous(
+        memory_format=layout
+    )
+    weight = torch.randn(shape[1], generator=g, dtype=torch.float64) if affine else None
+    bias = torch.randn(shape[1], generator=g, dtype=torch.float64) if affine else None
+    y, first, second = _bn_derivatives(_bn_pool_fused, x, weight, bias, seed=12)
+    want_y, want_first, want_second = _bn_derivatives(_bn_pool_native, x, weight, bias, seed=12)
+    assert y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(first, want_first, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for got, want in zip(second, want_second, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_batch_norm_then_pool_takes_pytorchs_element_on_ties_and_negative_weights(
+    layout,
+) -> None:
+    # finite values: a NaN or infinity would make every statistic of its channel NaN
+    x = _pool_input(13, layout).nan_to_num(nan=0.0, neginf=-5.0)
+    x[2] = (x[2] > 0.3).double()  # Omniglot-like flat windows: exact ties
+    weight = torch.tensor([1.5, -2.0, 0.5, -1.0], dtype=torch.float64)  # negative: min wins
+    bias = torch.tensor([0.1, 0.0, -0.3, 2.0], dtype=torch.float64)
+    got = _bn_derivatives(_bn_pool_fused, x, weight, bias, seed=14)
+    want = _bn_derivatives(_bn_pool_native, x, weight, bias, seed=14)
+    # same element taken everywhere: any other pick moves a gradient by O(1), not by rounding
+    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_batch_norm_then_pool_keeps_only_its_input_and_a_byte_per_output(layout) -> None:
+    """Separately, the two ops keep the input and the normalised tensor (the pool's input);
+    as one op only the input, the statistics and the pool's codes: the normalised tensor, the
+    size of the block's convolution output, is never written."""
+    w = torch.ones(4, requires_grad=True)
+    saved = _saved(lambda t: ops.batch_norm_max_pool2x2(t, w, None, 1e-5), layout)
+    assert sorted(saved, key=str) == sorted(
+        [((3, 4, 7, 9), torch.float32), ((4,), torch.float32), ((3, 4, 3, 4), torch.uint8),
+         ((4,), torch.float32), ((4,), torch.float32)], key=str
+    )
+
+
+@pytest.mark.usefixtures("built")
+def test_batch_norm_then_pool_float32_is_close_and_third_derivatives_are_refused() -> None:
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(8, 4, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(4, generator=g).requires_grad_()
+    y = ops.batch_norm_max_pool2x2(x, w, None, 1e-5)
+    torch.testing.assert_close(y, _bn_pool_native(x, w, None))
+    (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no third derivative; set METARUN_KERNELS=0"):
+        torch.autograd.grad((gx**2).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    torch.autograd.grad((gx**2).sum(), [x, w])
+
+
+@pytest.mark.parametrize("kernels_on", ["1", "0"])
+def test_batch_norm_then_pool_falls_back_where_the_kernels_do_not_apply(
+    monkeypatch, kernels_on
+) -> None:
+    monkeypatch.setenv("METARUN_KERNELS", kernels_on)
+    calls = []
+    original = ops._BatchNormMaxPool.apply
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(ops._BatchNormMaxPool, "apply", spy)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for t in (x, x.bfloat16(), x.permute(0, 1, 3, 2)):  # the kernels' dtypes and layouts only
+        torch.testing.assert_close(
+            ops.batch_norm_max_pool2x2(t, None, None, 1e-5), _bn_pool_native(t, None, None)
+        )
+    assert calls == ([x.shape] if kernels_on == "1" and kernels.library() else [])
+
+
+def test_without_kernels_the_channels_last_pool_still_keeps_only_indices(monkeypatch) -> None:
+    monkeypatch.setenv("METARUN_KERNELS", "0")
+    assert _saved(ops.max_pool2x2, torch.channels_last) == [((3, 4, 3, 4), torch.int64)]
+    x = _pool_input(9, torch.channels_last)
+    got = _pool_derivatives(ops.max_pool2x2, x)
+    want = _pool_derivatives(lambda t: F.max_pool2d(t, 2), x)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_other_layouts_and_dtypes_fall_back_to_pytorch(monkeypatch) -> None:

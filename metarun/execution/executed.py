@@ -12,9 +12,11 @@ is rewritten here, in ways that change no output and no gradient, first or secon
   zero in both orders). ReLU's forward, backward and double backward then see a quarter of the
   elements.
 - **Fused CPU batch-norm and max-pool** (``metarun.execution.kernels.ops``): ``BatchNorm2d`` without
-  running statistics and ``MaxPool2d(2)`` run on metarun's kernels where a tensor is NCHW on the
-  CPU (the support passes that second-order MAML differentiates twice), and on PyTorch's own
-  everywhere else (channels-last, GPU, inside ``torch.func`` transforms).
+  running statistics and ``MaxPool2d(2)`` run on metarun's kernels on the CPU (NCHW, and
+  channels-last where noted there), and on PyTorch's own elsewhere (GPU, inside ``torch.func``
+  transforms). Where the pool directly follows the batch-norm (conv4's blocks, after the swap
+  above), the two are one op: the normalised tensor and its unpooled gradient, each the size of
+  the block's convolution output, are never written, which is most of a task's peak memory.
 
 Measured on one thread (conv4, one second-order MAML task): see docs/PERFORMANCE.md. Parameter
 and buffer names are those of the original, so ``functional_call`` takes the original's.
@@ -48,6 +50,21 @@ class FusedMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.max_pool2x2(x)
+
+
+class FusedBatchNormMaxPool2d(nn.BatchNorm2d):
+    """``BatchNorm2d(track_running_stats=False)`` and the ``MaxPool2d(2)`` after it as one op
+    (``ops.batch_norm_max_pool2x2``); the pool's own module becomes ``PooledAlready``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.batch_norm_max_pool2x2(x, self.weight, self.bias, self.eps)
+
+
+class PooledAlready(nn.MaxPool2d):
+    """A ``MaxPool2d(2)`` whose pooling the batch-norm before it does: passes its input on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -91,11 +108,26 @@ def execution_copy(module: nn.Module) -> nn.Module:
         if SWAP_RELU_AND_POOL and isinstance(sub, nn.Sequential):
             _swap_relu_and_pool(sub)
     for sub in clone.modules() if FUSED_KERNELS else ():
-        if type(sub) is nn.BatchNorm2d and not sub.track_running_stats:
+        if isinstance(sub, nn.Sequential):
+            _fuse_batch_norm_and_pool(sub)
+    for sub in clone.modules() if FUSED_KERNELS else ():
+        if _is_batch_statistics_norm(sub):
             sub.__class__ = FusedBatchNorm2d
         elif _is_plain_pool2(sub):
             sub.__class__ = FusedMaxPool2d
     return clone
+
+
+def _is_batch_statistics_norm(module: nn.Module) -> bool:
+    return type(module) is nn.BatchNorm2d and not module.track_running_stats
+
+
+def _fuse_batch_norm_and_pool(sequential: nn.Sequential) -> None:
+    modules = list(sequential._modules.values())
+    for first, second in zip(modules, modules[1:], strict=False):
+        if _is_batch_statistics_norm(first) and _is_plain_pool2(second):
+            first.__class__ = FusedBatchNormMaxPool2d
+            second.__class__ = PooledAlready
 
 
 def run_copy(

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 SOURCES = (SOURCE, SOURCE.with_name("cpu_kernels_body.h"))  # what the build reads
-VERSION = 2  # metarun_kernels_version() in the C file
+VERSION = 4  # metarun_kernels_version() in the C file
 
 # Instruction sets by the capability torch reports (torch.backends.cpu.get_cpu_capability()):
 # the library never uses more than torch itself does on this machine.
@@ -96,8 +96,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"bn_forward_{suffix}").argtypes = [pointer] * 6 + [size] * 3 + [real]
         getattr(lib, f"bn_backward_{suffix}").argtypes = [pointer] * 8 + [size] * 3
         getattr(lib, f"bn_double_backward_{suffix}").argtypes = [pointer] * 11 + [size] * 3
-        getattr(lib, f"max_pool2x2_{suffix}").argtypes = [pointer] * 3 + [size] * 3
-        for name in ("bn_forward", "bn_backward", "bn_double_backward", "max_pool2x2"):
+        for name in ("max_pool2x2", "unpool2x2", "gather2x2"):
+            getattr(lib, f"{name}_{suffix}").argtypes = [pointer] * 3 + [size] * 5
+        getattr(lib, f"bn_pool_forward_{suffix}").argtypes = [pointer] * 7 + [size] * 5 + [real]
+        getattr(lib, f"bn_pool_backward_{suffix}").argtypes = [pointer] * 9 + [size] * 5
+        for name in ("bn_forward", "bn_backward", "bn_double_backward", "max_pool2x2",
+                     "unpool2x2", "gather2x2", "bn_pool_forward", "bn_pool_backward"):
             getattr(lib, f"{name}_{suffix}").restype = None
     lib.metarun_kernels_version.restype = ctypes.c_int
 

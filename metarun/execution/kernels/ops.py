@@ -1,18 +1,26 @@
 """Batch-norm (batch statistics) and 2x2 max-pool on the fused CPU kernels, differentiable twice.
 
 ``batch_norm`` and ``max_pool2x2`` compute what ``F.batch_norm(x, None, None, w, b, True, 0.0,
-eps)`` and ``F.max_pool2d(x, 2)`` compute, for NCHW-contiguous float32/float64 CPU tensors, and
-fall back to those functions for anything else (or when the kernels are not built):
+eps)`` and ``F.max_pool2d(x, 2)`` compute, for float32/float64 CPU tensors (batch-norm NCHW only,
+max-pool NCHW or channels-last), and fall back to those functions for anything else (or when the
+kernels are not built):
 
 - batch-norm's forward, backward and double backward are each one or two sweeps per channel
   (``cpu_kernels.c``). Its backward is itself an ``autograd.Function`` whose backward is the
   analytic double backward, so second-order MAML's Hessian-vector products go through it; a
   third derivative is refused with an error, as nothing in metarun takes one;
-- max-pool's forward is the kernel (PyTorch's NCHW path walks each plane slowly). It keeps only
-  its indices for the backward pass, not its input (a block's batch-norm output, four times its
-  own size, which nothing else keeps): the backward puts each gradient back where the pool
-  picked (``max_unpool2d``; the windows do not overlap), differentiable in turn. Other layouts
-  that take a gradient on the CPU (channels-last) get PyTorch's forward, keeping the same.
+- max-pool (NCHW, and channels-last where a gradient will be taken) keeps one byte per output
+  for the backward pass, which of its window's four inputs it took, instead of its input (a
+  block's batch-norm output, four times its own size) and 8-byte indices; its backward puts each
+  gradient back there (``unpool2x2``), and that and its opposite (``gather2x2``) are each
+  other's backward, to any order;
+- ``batch_norm_max_pool2x2`` is the two as one op, for a pool right after a batch-norm (conv4's
+  blocks, ``metarun.execution.executed``): the forward pools the normalised values without
+  writing them, and the backward sums over the taken places and writes the input's gradient in
+  one sweep, so neither the normalised tensor nor its unpooled gradient (each the size of the
+  block's convolution output) ever exists. That is most of a conv4 task's peak memory
+  (docs/PERFORMANCE.md). Its second derivative writes the unpooled gradient (NCHW) and goes
+  through batch-norm's double backward kernel.
 
 Both are exact reformulations: float64 gradients and second derivatives agree with PyTorch's to
 rounding (``tests/test_kernels.py``), and max-pool picks the same element on ties.
@@ -136,28 +144,104 @@ class _BatchNormBackward(torch.autograd.Function):
         return g_grad_y, g_x, None if weight is None else g_w, None, None
 
 
+def _pool_layout(x: Tensor) -> bool | None:
+    """Where the pool kernels apply to ``x``: False for NCHW, True for channels-last memory;
+    None where they do not (then PyTorch's pool runs)."""
+    if not (
+        x.device.type == "cpu"
+        and x.dtype in _SUFFIX
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and kernels.library() is not None
+    ):
+        return None
+    if x.is_contiguous():
+        return False
+    return True if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _empty(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype, channels_last: bool
+           ) -> Tensor:
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=layout)
+
+
 class _MaxPool2x2(torch.autograd.Function):
+    """2x2 max-pool on the kernel, keeping one byte per output for the backward pass: which of
+    its window's four inputs it took. PyTorch's pool keeps its input (four outputs' worth,
+    though its backward reads only the shape) and 8-byte flat indices."""
+
     @staticmethod
-    def forward(x: Tensor) -> Any:
+    def forward(x: Tensor, channels_last: bool) -> Any:
         n, c, h, w = x.shape
         x = x.detach()
-        y = x.new_empty(n, c, h // 2, w // 2)
-        indices = torch.empty(y.shape, dtype=torch.int64)
-        _call("max_pool2x2", x.dtype, x.data_ptr(), y.data_ptr(), indices.data_ptr(), n * c, h, w)
-        return y, indices
+        y = _empty((n, c, h // 2, w // 2), x, x.dtype, channels_last)
+        codes = _empty(y.shape, x, torch.uint8, channels_last)
+        _call("max_pool2x2", x.dtype, x.data_ptr(), y.data_ptr(), codes.data_ptr(), n, c, h, w,
+              int(channels_last))
+        return y, codes
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        (x,) = inputs
-        _, indices = output
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(indices)
-        ctx.size = x.shape[-2:]
+        x, channels_last = inputs
+        _, codes = output
+        ctx.mark_non_differentiable(codes)
+        ctx.save_for_backward(codes)
+        ctx.size = tuple(x.shape[-2:])
+        ctx.channels_last = channels_last
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor, _indices: Any) -> Tensor:
-        (indices,) = ctx.saved_tensors
-        return F.max_unpool2d(grad_y.contiguous(), indices, 2, output_size=ctx.size)
+    def backward(ctx: Any, grad_y: Tensor, _codes: Any) -> Any:
+        (codes,) = ctx.saved_tensors
+        return _Unpool2x2.apply(grad_y, codes, ctx.size, ctx.channels_last), None
+
+
+class _Unpool2x2(torch.autograd.Function):
+    """The pool's backward: each gradient back where the pool took its value (the windows do
+    not overlap); linear, so its backward is the gather of the same places, and so on."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, codes: Tensor, size: tuple[int, int], channels_last: bool
+                ) -> Tensor:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        grad_y = grad_y.detach().contiguous(memory_format=layout)
+        out = _empty((*codes.shape[:2], *size), grad_y, grad_y.dtype, channels_last)
+        _call("unpool2x2", grad_y.dtype, grad_y.data_ptr(), codes.data_ptr(), out.data_ptr(),
+              *codes.shape[:2], *size, int(channels_last))
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _, codes, size, channels_last = inputs
+        ctx.save_for_backward(codes)
+        ctx.size, ctx.channels_last = size, channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Any:
+        (codes,) = ctx.saved_tensors
+        return _Gather2x2.apply(grad_out, codes, ctx.size, ctx.channels_last), None, None, None
+
+
+class _Gather2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(full: Tensor, codes: Tensor, size: tuple[int, int], channels_last: bool
+                ) -> Tensor:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        full = full.detach().contiguous(memory_format=layout)
+        out = _empty(codes.shape, full, full.dtype, channels_last)
+        _call("gather2x2", full.dtype, full.data_ptr(), codes.data_ptr(), out.data_ptr(),
+              *codes.shape[:2], *size, int(channels_last))
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _, codes, size, channels_last = inputs
+        ctx.save_for_backward(codes)
+        ctx.size, ctx.channels_last = size, channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Any:
+        (codes,) = ctx.saved_tensors
+        return _Unpool2x2.apply(grad_out, codes, ctx.size, ctx.channels_last), None, None, None
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -208,13 +292,129 @@ def max_pool2x2(x: Tensor) -> Tensor:
     """
     if x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2:
         return F.max_pool2d(x, 2)
-    if usable(x):
-        return _MaxPool2x2.apply(x)[0]
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    channels_last = _pool_layout(x)
+    # NCHW always (PyTorch's NCHW pool walks each plane slowly); channels-last only where a
+    # gradient will be taken, as PyTorch's own channels-last forward is vectorised.
+    if channels_last is False or (channels_last and needs_grad):
+        return _MaxPool2x2.apply(x, channels_last)[0]
     if (
-        x.requires_grad
-        and torch.is_grad_enabled()
+        needs_grad
         and x.device.type == "cpu"
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
     ):
         return _MaxPool2x2KeepingIndices.apply(x)
     return F.max_pool2d(x, 2)
+
+
+class _BatchNormMaxPool(torch.autograd.Function):
+    """Batch-norm then 2x2 max-pool as one op: neither the normalised tensor nor the unpooled
+    gradient (each the size of the block's convolution output) is ever written. Keeps the
+    input, the statistics and one byte per output (which of its window's four it took)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                channels_last: bool) -> Any:
+        n, c, h, w = x.shape
+        x = x.detach()
+        wv, bv = _vector(weight, x), _vector(bias, x)
+        y = _empty((n, c, h // 2, w // 2), x, x.dtype, channels_last)
+        codes = _empty(y.shape, x, torch.uint8, channels_last)
+        mean, rstd = x.new_empty(c), x.new_empty(c)
+        _call("bn_pool_forward", x.dtype, x.data_ptr(), _ptr(wv), _ptr(bv), y.data_ptr(),
+              codes.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c, h, w,
+              int(channels_last), float(eps))
+        return y, codes, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, bias, _eps, channels_last = inputs
+        _, codes, mean, rstd = output
+        ctx.mark_non_differentiable(codes, mean, rstd)
+        ctx.save_for_backward(x, weight, codes, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.channels_last = channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, *_non_differentiable: Any) -> Any:
+        x, weight, codes, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _BatchNormMaxPoolBackward.apply(
+            grad_y, codes, x, weight, mean, rstd, ctx.channels_last
+        )
+        return (
+            grad_x,
+            None if weight is None else grad_w,
+            grad_b if ctx.has_bias else None,
+            None,
+            None,
+        )
+
+
+class _BatchNormMaxPoolBackward(torch.autograd.Function):
+    """The backward of ``_BatchNormMaxPool`` in one kernel (sums over the taken places, then one
+    write of the input's gradient); its own backward is batch-norm's analytic double backward
+    on the unpooled gradient, gathered back to the pooled places for the pooled gradient."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, codes: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                rstd: Tensor, channels_last: bool) -> Any:
+        n, c, h, w = x.shape
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        grad_y, x = grad_y.detach().contiguous(memory_format=layout), x.detach()
+        wv = _vector(weight, x)
+        grad_x = torch.empty_like(x)
+        grad_w, grad_b = x.new_empty(c), x.new_empty(c)
+        _call("bn_pool_backward", x.dtype, grad_y.data_ptr(), codes.data_ptr(), x.data_ptr(),
+              mean.data_ptr(), rstd.data_ptr(), _ptr(wv), grad_x.data_ptr(), grad_w.data_ptr(),
+              grad_b.data_ptr(), n, c, h, w, int(channels_last))
+        return grad_x, grad_w, grad_b
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        grad_y, codes, x, weight, mean, rstd, channels_last = inputs
+        ctx.save_for_backward(grad_y, codes, x, weight, mean, rstd)
+        ctx.channels_last = channels_last
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None, gg_b: Tensor | None) -> Any:
+        if torch.is_grad_enabled():  # see _BatchNormBackward.backward
+            raise RuntimeError(
+                "metarun's fused CPU batch-norm has no third derivative; set METARUN_KERNELS=0 "
+                "to use PyTorch's kernels for higher-order gradients"
+            )
+        grad_y, codes, x, weight, mean, rstd = ctx.saved_tensors
+        size = tuple(x.shape[-2:])
+        # The unpooled gradient exists only here, in a second-order backward. The double
+        # backward kernel is NCHW: a channels-last pass (differentiated once in metarun's
+        # algorithms) is converted for it.
+        full_grad_y = _Unpool2x2.forward(grad_y, codes, size, ctx.channels_last).contiguous()
+        x = x.contiguous()
+        n, c = x.shape[:2]
+        w = _vector(weight, x)
+        gg_x = None if gg_x is None else gg_x.contiguous()
+        gg_w, gg_b = _vector(gg_w, x), _vector(gg_b, x)
+        g_full_grad_y = torch.empty_like(x)
+        g_x = torch.empty_like(x)
+        g_w = x.new_empty(c)
+        _call("bn_double_backward", x.dtype, _ptr(gg_x), _ptr(gg_w), _ptr(gg_b),
+              full_grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
+              g_full_grad_y.data_ptr(), g_x.data_ptr(), g_w.data_ptr(), n, c, x[0, 0].numel())
+        del full_grad_y
+        g_grad_y = _Gather2x2.forward(g_full_grad_y, codes.contiguous(), size, False)
+        return g_grad_y, None, g_x, None if weight is None else g_w, None, None, None
+
+
+def batch_norm_max_pool2x2(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``max_pool2x2(batch_norm(x, weight, bias, eps))`` in one op where the kernels apply (CPU
+    float NCHW or channels-last, outside ``torch.func`` transforms), else those two."""
+    if (
+        x.dim() != 4
+        or x.shape[2] < 2
+        or x.shape[3] < 2
+        or (channels_last := _pool_layout(x)) is None
+    ):
+        return max_pool2x2(batch_norm(x, weight, bias, eps))
+    return _BatchNormMaxPool.apply(x, weight, bias, eps, channels_last)[0]
