@@ -67,13 +67,20 @@ def test_batch_norm_matches_pytorch_to_second_order(shape, affine) -> None:
     def native(x, w, b):
         return F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5)
 
-    y, first, second = _bn_derivatives(fused, x, weight, bias, seed=1)
-    want_y, want_first, want_second = _bn_derivatives(native, x, weight, bias, seed=1)
+    _assert_same_derivatives(fused, native, x, weight, bias, seed=1)
+
+
+def _assert_same_derivatives(op, reference, x, weight, bias, seed: int) -> torch.Tensor:
+    """``op`` and ``reference`` agree in value, first and second derivatives (float64); returns
+    ``op``'s output."""
+    y, first, second = _bn_derivatives(op, x, weight, bias, seed)
+    want_y, want_first, want_second = _bn_derivatives(reference, x, weight, bias, seed)
     torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
     for got, want in zip(first, want_first, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     for got, want in zip(second, want_second, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+    return y
 
 
 @pytest.mark.usefixtures("built")
@@ -89,12 +96,17 @@ def test_batch_norm_passes_gradgradcheck() -> None:
 
 
 @pytest.mark.usefixtures("built")
-def test_batch_norm_float32_is_close_and_third_derivatives_are_refused() -> None:
+@pytest.mark.parametrize("fused_pool", [False, True], ids=["batch_norm", "batch_norm_then_pool"])
+def test_float32_is_close_and_third_derivatives_are_refused(fused_pool) -> None:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(8, 4, 6, 6, generator=g).requires_grad_()
+    x = torch.randn(8, 4, 6, 6, generator=g)
+    if fused_pool:  # (the channels-last kernel; its double backward runs NCHW)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     w = torch.rand(4, generator=g).requires_grad_()
-    y = ops.batch_norm(x, w, None, 1e-5)
-    torch.testing.assert_close(y, F.batch_norm(x, None, None, w, None, True, 0.0, 1e-5))
+    y = (ops.batch_norm_max_pool2x2 if fused_pool else ops.batch_norm)(x, w, None, 1e-5)
+    want = F.batch_norm(x, None, None, w, None, True, 0.0, 1e-5)
+    torch.testing.assert_close(y, F.max_pool2d(want, 2) if fused_pool else want)
     (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no third derivative; set METARUN_KERNELS=0"):
         torch.autograd.grad((gx**2).sum(), x, create_graph=True)
@@ -205,14 +217,8 @@ def test_batch_norm_then_pool_in_one_op_matches_pytorch_to_second_order(
     )
     weight = torch.randn(shape[1], generator=g, dtype=torch.float64) if affine else None
     bias = torch.randn(shape[1], generator=g, dtype=torch.float64) if affine else None
-    y, first, second = _bn_derivatives(_bn_pool_fused, x, weight, bias, seed=12)
-    want_y, want_first, want_second = _bn_derivatives(_bn_pool_native, x, weight, bias, seed=12)
+    y = _assert_same_derivatives(_bn_pool_fused, _bn_pool_native, x, weight, bias, seed=12)
     assert y.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
-    for got, want in zip(first, want_first, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    for got, want in zip(second, want_second, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.usefixtures("built")
@@ -225,11 +231,8 @@ def test_batch_norm_then_pool_takes_pytorchs_element_on_ties_and_negative_weight
     x[2] = (x[2] > 0.3).double()  # Omniglot-like flat windows: exact ties
     weight = torch.tensor([1.5, -2.0, 0.5, -1.0], dtype=torch.float64)  # negative: min wins
     bias = torch.tensor([0.1, 0.0, -0.3, 2.0], dtype=torch.float64)
-    got = _bn_derivatives(_bn_pool_fused, x, weight, bias, seed=14)
-    want = _bn_derivatives(_bn_pool_native, x, weight, bias, seed=14)
     # same element taken everywhere: any other pick moves a gradient by O(1), not by rounding
-    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    _assert_same_derivatives(_bn_pool_fused, _bn_pool_native, x, weight, bias, seed=14)
 
 
 @pytest.mark.usefixtures("built")
@@ -246,34 +249,12 @@ def test_batch_norm_then_pool_keeps_only_its_input_and_a_byte_per_output(layout)
     )
 
 
-@pytest.mark.usefixtures("built")
-def test_batch_norm_then_pool_float32_is_close_and_third_derivatives_are_refused() -> None:
-    g = torch.Generator().manual_seed(15)
-    x = torch.randn(8, 4, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    w = torch.rand(4, generator=g).requires_grad_()
-    y = ops.batch_norm_max_pool2x2(x, w, None, 1e-5)
-    torch.testing.assert_close(y, _bn_pool_native(x, w, None))
-    (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no third derivative; set METARUN_KERNELS=0"):
-        torch.autograd.grad((gx**2).sum(), x, create_graph=True)
-    (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
-    torch.autograd.grad((gx**2).sum(), [x, w])
-
-
 @pytest.mark.parametrize("kernels_on", ["1", "0"])
 def test_batch_norm_then_pool_falls_back_where_the_kernels_do_not_apply(
     monkeypatch, kernels_on
 ) -> None:
     monkeypatch.setenv("METARUN_KERNELS", kernels_on)
-    calls = []
-    original = ops._BatchNormMaxPool.apply
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(ops._BatchNormMaxPool, "apply", spy)
+    calls = _shapes_applied(monkeypatch, ops._BatchNormMaxPool)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     for t in (x, x.bfloat16(), x.permute(0, 1, 3, 2)):  # the kernels' dtypes and layouts only
         torch.testing.assert_close(
@@ -292,15 +273,21 @@ def test_without_kernels_the_channels_last_pool_still_keeps_only_indices(monkeyp
         assert torch.equal(a, b)
 
 
-def test_other_layouts_and_dtypes_fall_back_to_pytorch(monkeypatch) -> None:
-    calls = []
-    original = ops._BatchNorm.apply
+def _shapes_applied(monkeypatch, function: type) -> list[torch.Size]:
+    """The input shape of every ``function.apply`` call from now on (the kernels' ops)."""
+    calls: list[torch.Size] = []
+    original = function.apply
 
     def spy(*args):
         calls.append(args[0].shape)
         return original(*args)
 
-    monkeypatch.setattr(ops._BatchNorm, "apply", spy)
+    monkeypatch.setattr(function, "apply", spy)
+    return calls
+
+
+def test_other_layouts_and_dtypes_fall_back_to_pytorch(monkeypatch) -> None:
+    calls = _shapes_applied(monkeypatch, ops._BatchNorm)
     x = torch.randn(4, 3, 5, 5)
     ops.batch_norm(x, None, None, 1e-5)
     ops.batch_norm(x.contiguous(memory_format=torch.channels_last), None, None, 1e-5)

@@ -7,30 +7,62 @@
  * library gives the same numbers on every run. */
 
 /* y = (x - mean) rstd w + b with the channel's mean and biased variance; w, b may be NULL. */
+/* Channel c's mean and 1 / sqrt(biased variance + eps) over NCHW x: two passes, summed in
+ * double. */
+static void NAME(channel_stats)(const T *restrict x, int64_t N, int64_t C, int64_t HW, int64_t c,
+                                double eps, double *mean_out, double *rstd_out) {
+    const double M = (double)(N * HW);
+    double sum = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T *restrict xs = x + (n * C + c) * HW;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < HW; ++i) sum += (double)xs[i];
+    }
+    const double mean = sum / M;
+    double ssd = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+        const T *restrict xs = x + (n * C + c) * HW;
+#pragma omp simd reduction(+ : ssd)
+        for (int64_t i = 0; i < HW; ++i) {
+            const double d = (double)xs[i] - mean;
+            ssd += d * d;
+        }
+    }
+    *mean_out = mean;
+    *rstd_out = 1.0 / sqrt(ssd / M + eps);
+}
+
+/* The normalisation as y = x sc + sh for channel c (w, b may be NULL). */
+static void NAME(scale_shift)(double mean, double rstd, const T *w, const T *b, int64_t c,
+                              T *sc, T *sh) {
+    const double scale = rstd * (w ? (double)w[c] : 1.0);
+    *sc = (T)scale;
+    *sh = (T)((b ? (double)b[c] : 0.0) - mean * scale);
+}
+
+/* The backward's per-channel parts from the channel's sums sgy = sum(gy) and
+ * sgyd = sum(gy (x - mean)) over its M elements: gb, gw, and gx = a gy + bx x + d, as
+ * gx = w rstd (gy - mean(gy) - xhat mean(gy xhat)) with xhat = (x - mean) rstd. */
+static void NAME(backward_parts)(double sgy, double sgyd, double mean, double rstd,
+                                 const T *w, int64_t c, double M, T *gw, T *gb, T *a, T *bx,
+                                 T *d) {
+    const double sgyx = sgyd * rstd;
+    *gb = (T)sgy;
+    *gw = (T)sgyx;
+    const double wr = rstd * (w ? (double)w[c] : 1.0), A = sgy / M, B = sgyx / M;
+    *a = (T)wr;
+    *bx = (T)(-wr * B * rstd);
+    *d = (T)(-wr * A + wr * B * rstd * mean);
+}
+
 void NAME(bn_forward)(const T *restrict x, const T *restrict w, const T *restrict b,
                       T *restrict y, T *restrict mean_out, T *restrict rstd_out, int64_t N,
                       int64_t C, int64_t HW, double eps) {
-    const double M = (double)(N * HW);
     for (int64_t c = 0; c < C; ++c) {
-        double sum = 0.0;
-        for (int64_t n = 0; n < N; ++n) {
-            const T *restrict xs = x + (n * C + c) * HW;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < HW; ++i) sum += (double)xs[i];
-        }
-        const double mean = sum / M;
-        double ssd = 0.0;
-        for (int64_t n = 0; n < N; ++n) {
-            const T *restrict xs = x + (n * C + c) * HW;
-#pragma omp simd reduction(+ : ssd)
-            for (int64_t i = 0; i < HW; ++i) {
-                const double d = (double)xs[i] - mean;
-                ssd += d * d;
-            }
-        }
-        const double rstd = 1.0 / sqrt(ssd / M + eps);
-        const double scale = rstd * (w ? (double)w[c] : 1.0);
-        const T sc = (T)scale, sh = (T)((b ? (double)b[c] : 0.0) - mean * scale);
+        double mean, rstd;
+        NAME(channel_stats)(x, N, C, HW, c, eps, &mean, &rstd);
+        T sc, sh;
+        NAME(scale_shift)(mean, rstd, w, b, c, &sc, &sh);
         for (int64_t n = 0; n < N; ++n) {
             const T *restrict xs = x + (n * C + c) * HW;
             T *restrict ys = y + (n * C + c) * HW;
@@ -59,12 +91,8 @@ void NAME(bn_backward)(const T *restrict gy, const T *restrict x, const T *restr
                 sgyd += (double)gs[i] * ((double)xs[i] - mean);
             }
         }
-        const double sgyx = sgyd * rstd;
-        gb[c] = (T)sgy;
-        gw[c] = (T)sgyx;
-        const double wr = rstd * (w ? (double)w[c] : 1.0), A = sgy / M, B = sgyx / M;
-        /* gx = wr gy - wr A - wr B rstd (x - mean) = a gy + bx x + d */
-        const T a = (T)wr, bx = (T)(-wr * B * rstd), d = (T)(-wr * A + wr * B * rstd * mean);
+        T a, bx, d;
+        NAME(backward_parts)(sgy, sgyd, mean, rstd, w, c, M, &gw[c], &gb[c], &a, &bx, &d);
         for (int64_t n = 0; n < N; ++n) {
             const T *restrict xs = x + (n * C + c) * HW, *restrict gs = gy + (n * C + c) * HW;
             T *restrict out = gx + (n * C + c) * HW;
@@ -303,25 +331,10 @@ void NAME(bn_pool_forward)(const T *restrict x, const T *restrict w, const T *re
     const double M = (double)(N * HW);
     if (!channels_last) {
         for (int64_t c = 0; c < C; ++c) {
-            double sum = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-                const T *restrict xs = x + (n * C + c) * HW;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t i = 0; i < HW; ++i) sum += (double)xs[i];
-            }
-            const double mean = sum / M;
-            double ssd = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-                const T *restrict xs = x + (n * C + c) * HW;
-#pragma omp simd reduction(+ : ssd)
-                for (int64_t i = 0; i < HW; ++i) {
-                    const double d = (double)xs[i] - mean;
-                    ssd += d * d;
-                }
-            }
-            const double rstd = 1.0 / sqrt(ssd / M + eps);
-            const double scale = rstd * (w ? (double)w[c] : 1.0);
-            const T sc = (T)scale, sh = (T)((b ? (double)b[c] : 0.0) - mean * scale);
+            double mean, rstd;
+            NAME(channel_stats)(x, N, C, HW, c, eps, &mean, &rstd);
+            T sc, sh;
+            NAME(scale_shift)(mean, rstd, w, b, c, &sc, &sh);
             for (int64_t n = 0; n < N; ++n) {
                 const T *plane = x + (n * C + c) * HW;
                 T *out = y + (n * C + c) * OH * OW;
@@ -360,9 +373,7 @@ void NAME(bn_pool_forward)(const T *restrict x, const T *restrict w, const T *re
     }
     for (int64_t c = 0; c < C; ++c) {
         const double mean = sum[c], rstd = 1.0 / sqrt(ssd[c] / M + eps);
-        const double scale = rstd * (w ? (double)w[c] : 1.0);
-        sc[c] = (T)scale;
-        sh[c] = (T)((b ? (double)b[c] : 0.0) - mean * scale);
+        NAME(scale_shift)(mean, rstd, w, b, c, &sc[c], &sh[c]);
         mean_out[c] = (T)mean;
         rstd_out[c] = (T)rstd;
     }
@@ -410,11 +421,8 @@ void NAME(bn_pool_backward)(const T *restrict gp, const uint8_t *restrict code,
                                      - mean);
                     }
             }
-            const double sgyx = sgyd * rstd;
-            gb[c] = (T)sgy;
-            gw[c] = (T)sgyx;
-            const double wr = rstd * (w ? (double)w[c] : 1.0), A = sgy / M, B = sgyx / M;
-            const T a = (T)wr, bx = (T)(-wr * B * rstd), d = (T)(-wr * A + wr * B * rstd * mean);
+            T a, bx, d;
+            NAME(backward_parts)(sgy, sgyd, mean, rstd, w, c, M, &gw[c], &gb[c], &a, &bx, &d);
             for (int64_t n = 0; n < N; ++n) {
                 const T *xs = x + (n * C + c) * HW;
                 T *out = gx + (n * C + c) * HW;
@@ -450,16 +458,9 @@ void NAME(bn_pool_backward)(const T *restrict gp, const uint8_t *restrict code,
                     sgyd[c] += g * ((double)v - (double)mean_in[c]);
                 }
             }
-    for (int64_t c = 0; c < C; ++c) {
-        const double mean = mean_in[c], rstd = rstd_in[c];
-        const double sgyx = sgyd[c] * rstd;
-        gb[c] = (T)sgy[c];
-        gw[c] = (T)sgyx;
-        const double wr = rstd * (w ? (double)w[c] : 1.0), A = sgy[c] / M, B = sgyx / M;
-        ca[c] = (T)wr;
-        cb[c] = (T)(-wr * B * rstd);
-        cd[c] = (T)(-wr * A + wr * B * rstd * mean);
-    }
+    for (int64_t c = 0; c < C; ++c)
+        NAME(backward_parts)(sgy[c], sgyd[c], mean_in[c], rstd_in[c], w, c, M, &gw[c], &gb[c],
+                             &ca[c], &cb[c], &cd[c]);
     for (int64_t n = 0; n < N; ++n) {
         for (int64_t oh = 0; oh < OH; ++oh) {
             for (int64_t ow = 0; ow < OW; ++ow) {

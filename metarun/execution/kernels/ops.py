@@ -64,6 +64,38 @@ def _vector(tensor: Tensor | None, like: Tensor) -> Tensor | None:
     return None if tensor is None else tensor.detach().to(like.dtype).contiguous()
 
 
+def _refuse_a_third_derivative() -> None:
+    # Grad mode is on in a double backward only where a backward was asked to build a graph
+    # (create_graph=True): that would be a third derivative, which the analytic second
+    # derivative cannot give. (``once_differentiable`` would not do: with
+    # ``torch.autograd.grad(..., inputs)`` its error node lies off the path to the inputs, and
+    # the term would be dropped silently.)
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "metarun's fused CPU batch-norm has no third derivative; set METARUN_KERNELS=0 "
+            "to use PyTorch's kernels for higher-order gradients"
+        )
+
+
+def _bn_double_backward(gg_x: Tensor | None, gg_w: Tensor | None, gg_b: Tensor | None,
+                        grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                        rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``bn_double_backward`` kernel on NCHW tensors: the gradients of the backward's
+    inputs ``grad_y``, ``x`` and the weight."""
+    n, c = x.shape[:2]
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    w = _vector(weight, x)
+    gg_x = None if gg_x is None else gg_x.contiguous()
+    gg_w, gg_b = _vector(gg_w, x), _vector(gg_b, x)
+    g_grad_y = torch.empty_like(x)
+    g_x = torch.empty_like(x)
+    g_w = x.new_empty(c)
+    _call("bn_double_backward", x.dtype, _ptr(gg_x), _ptr(gg_w), _ptr(gg_b),
+          grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
+          g_grad_y.data_ptr(), g_x.data_ptr(), g_w.data_ptr(), n, c, x[0, 0].numel())
+    return g_grad_y, g_x, g_w
+
+
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Any:
@@ -120,27 +152,9 @@ class _BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None, gg_b: Tensor | None) -> Any:
-        # Grad mode is on here only in a backward asked to build a graph (create_graph=True):
-        # that would be a third derivative, which this analytic second derivative cannot give.
-        # (``once_differentiable`` would not do: with ``torch.autograd.grad(..., inputs)`` its
-        # error node lies off the path to the inputs, and the term would be dropped silently.)
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "metarun's fused CPU batch-norm has no third derivative; set METARUN_KERNELS=0 "
-                "to use PyTorch's kernels for higher-order gradients"
-            )
+        _refuse_a_third_derivative()
         grad_y, x, weight, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        grad_y = grad_y.contiguous()
-        w = _vector(weight, x)
-        gg_x = None if gg_x is None else gg_x.contiguous()
-        gg_w, gg_b = _vector(gg_w, x), _vector(gg_b, x)
-        g_grad_y = torch.empty_like(x)
-        g_x = torch.empty_like(x)
-        g_w = x.new_empty(c)
-        _call("bn_double_backward", x.dtype, _ptr(gg_x), _ptr(gg_w), _ptr(gg_b),
-              grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
-              g_grad_y.data_ptr(), g_x.data_ptr(), g_w.data_ptr(), n, c, x[0, 0].numel())
+        g_grad_y, g_x, g_w = _bn_double_backward(gg_x, gg_w, gg_b, grad_y, x, weight, mean, rstd)
         return g_grad_y, g_x, None if weight is None else g_w, None, None
 
 
@@ -195,25 +209,37 @@ class _MaxPool2x2(torch.autograd.Function):
         return _Unpool2x2.apply(grad_y, codes, ctx.size, ctx.channels_last), None
 
 
-class _Unpool2x2(torch.autograd.Function):
-    """The pool's backward: each gradient back where the pool took its value (the windows do
-    not overlap); linear, so its backward is the gather of the same places, and so on."""
+def _by_codes(kernel: str, tensor: Tensor, codes: Tensor, size: tuple[int, int],
+              channels_last: bool, out_shape: tuple[int, ...]) -> Tensor:
+    """``unpool2x2`` or ``gather2x2`` of ``tensor`` at the places ``codes`` name (a pool's input
+    of spatial ``size``), into a new tensor of ``out_shape`` in the same layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    tensor = tensor.detach().contiguous(memory_format=layout)
+    out = _empty(out_shape, tensor, tensor.dtype, channels_last)
+    _call(kernel, tensor.dtype, tensor.data_ptr(), codes.data_ptr(), out.data_ptr(),
+          *codes.shape[:2], *size, int(channels_last))
+    return out
 
-    @staticmethod
-    def forward(grad_y: Tensor, codes: Tensor, size: tuple[int, int], channels_last: bool
-                ) -> Tensor:
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        grad_y = grad_y.detach().contiguous(memory_format=layout)
-        out = _empty((*codes.shape[:2], *size), grad_y, grad_y.dtype, channels_last)
-        _call("unpool2x2", grad_y.dtype, grad_y.data_ptr(), codes.data_ptr(), out.data_ptr(),
-              *codes.shape[:2], *size, int(channels_last))
-        return out
+
+class _ByCodes(torch.autograd.Function):
+    """Unpool and gather: linear in their tensor, each the other's backward, to any order."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         _, codes, size, channels_last = inputs
         ctx.save_for_backward(codes)
         ctx.size, ctx.channels_last = size, channels_last
+
+
+class _Unpool2x2(_ByCodes):
+    """The pool's backward: each gradient back where the pool took its value (the windows do
+    not overlap)."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, codes: Tensor, size: tuple[int, int], channels_last: bool
+                ) -> Tensor:
+        return _by_codes("unpool2x2", grad_y, codes, size, channels_last,
+                         (*codes.shape[:2], *size))
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Any:
@@ -221,22 +247,13 @@ class _Unpool2x2(torch.autograd.Function):
         return _Gather2x2.apply(grad_out, codes, ctx.size, ctx.channels_last), None, None, None
 
 
-class _Gather2x2(torch.autograd.Function):
+class _Gather2x2(_ByCodes):
+    """The values at the places the pool took (the pool itself, on the pool's input)."""
+
     @staticmethod
     def forward(full: Tensor, codes: Tensor, size: tuple[int, int], channels_last: bool
                 ) -> Tensor:
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        full = full.detach().contiguous(memory_format=layout)
-        out = _empty(codes.shape, full, full.dtype, channels_last)
-        _call("gather2x2", full.dtype, full.data_ptr(), codes.data_ptr(), out.data_ptr(),
-              *codes.shape[:2], *size, int(channels_last))
-        return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, codes, size, channels_last = inputs
-        ctx.save_for_backward(codes)
-        ctx.size, ctx.channels_last = size, channels_last
+        return _by_codes("gather2x2", full, codes, size, channels_last, tuple(codes.shape))
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Any:
@@ -378,30 +395,19 @@ class _BatchNormMaxPoolBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None, gg_b: Tensor | None) -> Any:
-        if torch.is_grad_enabled():  # see _BatchNormBackward.backward
-            raise RuntimeError(
-                "metarun's fused CPU batch-norm has no third derivative; set METARUN_KERNELS=0 "
-                "to use PyTorch's kernels for higher-order gradients"
-            )
+        _refuse_a_third_derivative()
         grad_y, codes, x, weight, mean, rstd = ctx.saved_tensors
         size = tuple(x.shape[-2:])
         # The unpooled gradient exists only here, in a second-order backward. The double
         # backward kernel is NCHW: a channels-last pass (differentiated once in metarun's
         # algorithms) is converted for it.
-        full_grad_y = _Unpool2x2.forward(grad_y, codes, size, ctx.channels_last).contiguous()
-        x = x.contiguous()
-        n, c = x.shape[:2]
-        w = _vector(weight, x)
-        gg_x = None if gg_x is None else gg_x.contiguous()
-        gg_w, gg_b = _vector(gg_w, x), _vector(gg_b, x)
-        g_full_grad_y = torch.empty_like(x)
-        g_x = torch.empty_like(x)
-        g_w = x.new_empty(c)
-        _call("bn_double_backward", x.dtype, _ptr(gg_x), _ptr(gg_w), _ptr(gg_b),
-              full_grad_y.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
-              g_full_grad_y.data_ptr(), g_x.data_ptr(), g_w.data_ptr(), n, c, x[0, 0].numel())
+        full_grad_y = _by_codes("unpool2x2", grad_y, codes, size, ctx.channels_last,
+                                (*codes.shape[:2], *size))
+        g_full_grad_y, g_x, g_w = _bn_double_backward(gg_x, gg_w, gg_b, full_grad_y, x, weight,
+                                                      mean, rstd)
         del full_grad_y
-        g_grad_y = _Gather2x2.forward(g_full_grad_y, codes.contiguous(), size, False)
+        codes = codes.contiguous()
+        g_grad_y = _by_codes("gather2x2", g_full_grad_y, codes, size, False, tuple(codes.shape))
         return g_grad_y, None, g_x, None if weight is None else g_w, None, None, None
 
 
