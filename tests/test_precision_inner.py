@@ -4,15 +4,21 @@ overflow is the scaler's skip, and a real divergence still stops the run."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.metalstm import MetaLSTM
 from metarun.data.episodes import TaskBatch
 from metarun.execution.precision import scaled_task_losses
 from metarun.precision import Precision
 from metarun.trainer import NumericalError
+from tests.test_hypernet import WAYS as hypernet_ways
+from tests.test_hypernet import hypernet
+from tests.test_hypernet import make_batch as make_hypernet_batch
 from tests.test_maml import make_batch, make_model
 from tests.test_precision import INNER_LR, INNER_STEPS, two_task_threads  # noqa: F401
 from tests.test_precision_runs import _big_scale, _trainer
@@ -70,6 +76,43 @@ def test_scaled_fp16_support_gradients_are_the_float64_ones_where_unscaled_flush
         assert error < 2e-3, (name, error)  # float16's rounding (2^-11), not a lost gradient
     if driver == "loop" and not first_order:  # the division is differentiated through
         assert all(g.requires_grad for g in scaled.values())
+
+
+def test_metalstms_learner_gradient_is_loss_scaled_where_unscaled_it_flushes_to_zero():
+    """The gradient Meta-LSTM feeds its meta-learner is an inner-loop float16 backward too."""
+    model, batch = nearly_fitted_task()
+    x, y = batch.support_x[0], batch.support_y[0]
+    reference = MetaLSTM(copy.deepcopy(model), "regression").double()
+    theta64 = reference._flatten(dict(reference.model.named_parameters()))
+    _, expected = reference.support_loss_and_gradient(theta64, x.double(), y.double())
+    assert expected.abs().min() > 1e-11  # tiny, not zero
+
+    algo = MetaLSTM(model, "regression")
+    theta = algo._flatten(dict(model.named_parameters()))
+    with torch.autocast("cpu", torch.float16):
+        _, unscaled = algo.support_loss_and_gradient(theta, x, y)
+        with scaled_task_losses(2.0**16) as scope:
+            _, scaled = algo.support_loss_and_gradient(theta, x, y)
+    assert torch.equal(unscaled, torch.zeros_like(unscaled))  # flushed
+    assert scope.inner_scaled
+    error = ((scaled.double() - expected).norm() / expected.norm()).item()
+    assert error < 2e-3, error
+
+
+def test_hypernets_finetune_steps_are_loss_scaled_inner_gradients():
+    """Scaled by a power of two and divided again, the float64 steps are the same bits: what
+    this shows is that the fine-tuning goes through the scaling (``scope.inner_scaled``)."""
+    batch = make_hypernet_batch(seed=3)
+    algo = hypernet(perturb=True, finetune_steps=2, finetune_lr=0.5)
+    support, _ = algo.features(batch)
+    head = algo.generate_head(support, batch.support_y, hypernet_ways)
+    plain = algo.finetune(head, support, batch.support_y, 2, second_order=True)
+    with scaled_task_losses(4.0) as scope:
+        scaled = algo.finetune(head, support, batch.support_y, 2, second_order=True)
+    assert scope.inner_scaled
+    for name, value in plain.items():
+        assert torch.equal(scaled[name], value), name
+        assert scaled[name].requires_grad  # the division is differentiated through
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

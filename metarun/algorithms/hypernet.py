@@ -61,6 +61,7 @@ from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 from metarun.execution.layout import cpu_fast_layout
+from metarun.execution.precision import inner_grad
 
 CLASSIFIERS = ("linear", "cosine", "mean")
 TASK_ENCODERS = ("body", "separate")
@@ -204,7 +205,7 @@ class HyperNet(MetaAlgorithm):
                 loss = F.cross_entropy(logits.flatten(0, 1), support_y.flatten(), reduction="sum")
                 loss = loss / support.shape[1]  # the sum over tasks of each task's mean loss
                 # The graph is kept: the query loss goes back through it to the body.
-                grads = torch.autograd.grad(
+                grads = inner_grad(
                     loss,
                     list(head.values()),
                     create_graph=second_order and carries_graph,

@@ -44,7 +44,7 @@ from metarun.execution import drivers
 from metarun.execution.drivers import prefers_loop, stack_results, vmap_is_exact
 from metarun.execution.executed import run_copy
 from metarun.execution.layout import cpu_fast_layout
-from metarun.execution.precision import inner_loss_scale
+from metarun.execution.precision import inner_grad, inner_loss_scale
 from metarun.execution.task_gradients import meta_gradient_surrogate
 
 Params = dict[str, Tensor]
@@ -221,8 +221,8 @@ class MAML(MetaAlgorithm):
         (``metarun.execution.precision``, "Inner loops"); elsewhere the scale is 1 and the
         code path is the unscaled one.
         """
-        scale = inner_loss_scale()
         if self.uses_vmap:
+            scale = inner_loss_scale()
             if scale == 1.0:
                 return grad(self._support_loss)(params, support_x, support_y)
             scaled = grad(lambda *args: self._support_loss(*args) * scale)
@@ -237,12 +237,8 @@ class MAML(MetaAlgorithm):
                 for name, p in params.items()
             }
             loss = self._support_loss(leaves, support_x, support_y)
-            grads = torch.autograd.grad(
-                loss if scale == 1.0 else loss * scale, list(leaves.values()),
-                create_graph=keep_graph, allow_unused=True
-            )
-            if scale != 1.0:
-                grads = tuple(None if g is None else g / scale for g in grads)
+            grads = inner_grad(loss, list(leaves.values()), create_graph=keep_graph,
+                               allow_unused=True)
         return {
             name: torch.zeros_like(p) if g is None else g
             for (name, p), g in zip(params.items(), grads, strict=True)

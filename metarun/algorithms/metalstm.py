@@ -66,6 +66,7 @@ from metarun.checks import positive_int, positive_number
 from metarun.data.episodes import TaskBatch
 from metarun.errors import ConfigError
 from metarun.execution.layout import cpu_fast_layout
+from metarun.execution.precision import inner_grad
 
 Params = dict[str, Tensor]
 #: Andrychowicz et al.'s preprocessing constant (and the paper's).
@@ -174,7 +175,7 @@ class MetaLSTM(MetaAlgorithm):
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_()
             loss = task_loss(self.learner_outputs(leaf, support_x), support_y, self.task_type)
-            (gradient,) = torch.autograd.grad(loss, leaf)
+            (gradient,) = inner_grad(loss, [leaf])
         return loss.detach(), gradient
 
     # ------------------------------------------------------------------------ the meta-learner

@@ -16,9 +16,11 @@ meta-gradient, which the trainer's scaler then scales and checks like any other:
 a task's backward is an ``inf`` there, and the scaler skips the step and lowers the scale.
 
 **Inner loops (fp16).** MAML's support gradients (``MAML.support_grads``, Meta-SGD's, ANIL's and
-Reptile's too) are float16 backward passes inside the meta-step as well, where small gradients
-flush to zero. They are taken of ``inner_loss_scale() * loss`` and divided by it again
-(differentiably: second order goes through the division). Their overflow cannot leave an ``inf``
+Reptile's too; the generated head's fine-tuning in ``HyperNet`` and the learner's gradient that
+``MetaLSTM`` feeds its meta-learner, all through ``inner_grad``) are float16 backward passes
+inside the meta-step as well, where small gradients flush to zero. They are taken of
+``inner_loss_scale() * loss`` and divided by it again (differentiably: second order goes
+through the division). Their overflow cannot leave an ``inf``
 for the scaler alone to see: the adapted parameters, and so the meta-loss, become non-finite. So
 ``inner_loss_scale`` records that an inner loss was scaled, and the trainer takes a non-finite
 meta-loss of such a step at a scale above 1 for the scaler's overflow (skip, lower the scale),
@@ -30,11 +32,12 @@ Evaluation sets no scale: its inner loops are unscaled (an overflow there could 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
+from torch import Tensor
 
 #: The device types whose autocast state the workers copy (and where metarun uses autocast).
 AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -116,6 +119,19 @@ def loss_scale() -> float:
     """The scale ``scaled_task_losses`` set in this thread; 1.0 (no scaling) outside it."""
     scope = _scope()
     return 1.0 if scope is None else scope.scale
+
+
+def inner_grad(loss: Tensor, inputs: Sequence[Tensor], **grad_kwargs: Any
+               ) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs, **grad_kwargs)`` for an inner-loop loss: under fp16
+    loss scaling (``scaled_task_losses``) taken of ``scale * loss`` and divided by ``scale``
+    again (differentiably, so a kept graph goes through the division), and recorded as such
+    (``inner_loss_scale``); at scale 1 the plain call."""
+    scale = inner_loss_scale()
+    if scale == 1.0:
+        return torch.autograd.grad(loss, inputs, **grad_kwargs)
+    grads = torch.autograd.grad(loss * scale, inputs, **grad_kwargs)
+    return tuple(None if g is None else g / scale for g in grads)
 
 
 def inner_loss_scale() -> float:
