@@ -283,7 +283,7 @@ def test_a_foreign_pickle_is_refused_not_run(tmp_path):
     blobs["train"] = pickle.dumps(eval, protocol=2)  # would hand back a callable
     write_folder(tmp_path / "cifarfs" / "cifar-100-python", blobs)
     with pytest.raises(DataError, match=r"^cifarfs: \S+/cifarfs/cifar-100-python/train is not a "
-                                        r"CIFAR-100 pickle \(it refers to __builtin__.eval\); "
+                                        r"CIFAR-100 pickle \(it asks to build __builtin__.eval\); "
                                         r"replace it with the official file"):
         load(CIFARFS, tmp_path)
 

@@ -10,10 +10,8 @@ arrays and nothing else: a foreign pickle fails with a one-line error instead of
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import io
-import pickle
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from metarun.data.download import download
+from metarun.data.pickled_images import string_keys, unpickle_arrays
 from metarun.errors import DataError, short_reason
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
@@ -135,34 +134,16 @@ def _members(source: CifarSource, name: str) -> list[tuple[str, bytes]]:
     return found
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Builds numpy arrays (and plain Python values) only."""
-
-    allowed = {
-        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.empty(0))[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.empty(0))[0],
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-        return self.allowed[(module, name)]
-
-
 def _unpickle(blob: bytes, where: str, name: str) -> dict:
     try:
-        value = _ArrayUnpickler(io.BytesIO(blob), encoding="latin1").load()
+        value = unpickle_arrays(io.BytesIO(blob))
     except Exception as error:  # a torn or foreign pickle fails in many ways; all mean replace it
         raise DataError(f"{name}: {where} is not a CIFAR-100 pickle ({short_reason(error)}); "
                         f"replace it with the official file ({ARCHIVE_URL})") from error
     if not isinstance(value, dict):
         raise DataError(f"{name}: {where} holds a {type(value).__name__}, not CIFAR-100's dict; "
                         f"replace it with the official file ({ARCHIVE_URL})")
-    return {key.decode("latin1") if isinstance(key, bytes) else key: item
-            for key, item in value.items()}
+    return string_keys(value)
 
 
 def _names(meta: dict, key: str, source: CifarSource, name: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Images that come as pickled numpy arrays (mini- and tiered-ImageNet's distributed files).
 
-Two things those loaders share. ``load_pickle`` reads a pickle without running it: the files come
+Two things those loaders share (CIFAR-100's reader unpickles with ``unpickle_arrays`` too).
+``load_pickle`` reads a pickle without running it: the files come
 from mirrors and drives anyone can upload to, and an ordinary ``pickle.load`` executes whatever
 the file names. Only numpy arrays, numpy scalars and Python's containers are rebuilt; a file that
 asks for anything else is refused. It decodes Python 2 byte strings as latin1, which is how the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -40,8 +42,14 @@ class _ForeignObject(pickle.UnpicklingError):
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in SAFE_GLOBALS:
-            raise _ForeignObject(f"{module}.{name}")
+            raise _ForeignObject(f"it asks to build {module}.{name}")
         return super().find_class(module, name)
+
+
+def unpickle_arrays(stream: BinaryIO) -> object:
+    """The object pickled in ``stream``, rebuilt from ``SAFE_GLOBALS`` only (a pickle that asks
+    for anything else raises ``pickle.UnpicklingError`` naming it), byte strings as latin1."""
+    return _ArraysOnly(stream, encoding="latin1").load()
 
 
 def load_pickle(path: Path, holds: str, remedy: str) -> object:
@@ -49,9 +57,9 @@ def load_pickle(path: Path, holds: str, remedy: str) -> object:
     ``remedy`` what to do about a bad file, for the one-line errors."""
     try:
         with open(path, "rb") as file:
-            return _ArraysOnly(file, encoding="latin1").load()
+            return unpickle_arrays(file)
     except _ForeignObject as error:
-        raise DataError(f"{path} is not {holds}: it asks to build {error}, and metarun rebuilds "
+        raise DataError(f"{path} is not {holds}: {error}, and metarun rebuilds "
                         f"only numpy arrays, lists and dicts from a pickle; {remedy}") from error
     except MemoryError:
         raise
