@@ -95,3 +95,19 @@ def omniglot_learning_run(
     )
     check_ok(proc)
     return read_results(tmp_path / "run")
+
+
+def poison_meta_loss(trainer, at_iterations: set[int]) -> None:
+    """Make the meta-loss (and its metrics) NaN at the given (1-based) iterations, as a
+    diverging run would."""
+    real_step = trainer.algorithm.meta_train_step
+    calls = {"count": 0}
+
+    def step(batch):
+        calls["count"] += 1
+        loss, metrics = real_step(batch)
+        if calls["count"] in at_iterations:
+            return loss * float("nan"), {name: float("nan") for name in metrics}
+        return loss, metrics
+
+    trainer.algorithm.meta_train_step = step

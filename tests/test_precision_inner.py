@@ -16,13 +16,13 @@ from metarun.data.episodes import TaskBatch
 from metarun.execution.precision import scaled_task_losses
 from metarun.precision import Precision
 from metarun.trainer import NumericalError
+from tests.runs import poison_meta_loss
 from tests.test_hypernet import WAYS as hypernet_ways
 from tests.test_hypernet import hypernet
 from tests.test_hypernet import make_batch as make_hypernet_batch
 from tests.test_maml import make_batch, make_model
 from tests.test_precision import INNER_LR, INNER_STEPS, two_task_threads  # noqa: F401
 from tests.test_precision_runs import _big_scale, _trainer
-from tests.test_scheduler import _poison
 
 FEATURES, EXAMPLES, TASKS = 3, 6, 2
 #: The targets' distance from the predictions. The mean-squared error's gradient per prediction,
@@ -154,7 +154,7 @@ def test_a_diverging_fp16_run_still_stops_once_the_scale_cannot_be_the_cause(tmp
     overflow (skipped, scale halved), at 1 it cannot, and the run stops there."""
     trainer = _trainer(tmp_path, "trainer.precision=fp16", "algo.task_batching=loop")
     _big_scale(trainer, 4.0)
-    _poison(trainer, set(range(1, 13)))
+    poison_meta_loss(trainer, set(range(1, 13)))
     with pytest.raises(NumericalError, match="became nan at iteration 3"):
         trainer.run()
     assert trainer.precision.skipped_steps == 2 and trainer.precision.scaler.get_scale() == 1.0

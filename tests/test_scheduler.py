@@ -19,7 +19,14 @@ from metarun.config import register_configs
 from metarun.errors import ConfigError
 from metarun.resume import resumed_config
 from metarun.trainer import RunInterrupted
-from tests.runs import SINUSOID_TINY, check_ok, read_results, read_scalars, run_metarun
+from tests.runs import (
+    SINUSOID_TINY,
+    check_ok,
+    poison_meta_loss,
+    read_results,
+    read_scalars,
+    run_metarun,
+)
 
 LR = 0.01
 TINY = [
@@ -79,21 +86,6 @@ def _straight_then_interrupted(make, tmp_path, *overrides: str):
     return straight, split
 
 
-def _poison(trainer, at_iterations: set[int]) -> None:
-    """A NaN meta-loss at the given (1-based) iterations, as a diverging run would have."""
-    real_step = trainer.algorithm.meta_train_step
-    calls = {"count": 0}
-
-    def step(batch):
-        calls["count"] += 1
-        loss, metrics = real_step(batch)
-        if calls["count"] in at_iterations:
-            return loss * float("nan"), metrics
-        return loss, metrics
-
-    trainer.algorithm.meta_train_step = step
-
-
 def test_step_halves_the_logged_lr_every_step_size_iterations(tmp_path):
     _trainer(tmp_path, *STEP).run()
     logged = _logged_lr(tmp_path)
@@ -126,7 +118,7 @@ def test_cosine_anneals_to_eta_min_at_max_iters(tmp_path):
 
 def test_a_skipped_batch_still_counts_as_an_iteration_of_the_schedule(tmp_path):
     trainer = _trainer(tmp_path, *STEP, "trainer.skip_non_finite=true")
-    _poison(trainer, {1, 6})  # the first one before any optimizer step
+    poison_meta_loss(trainer, {1, 6})  # the first one before any optimizer step
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch's "step() before optimizer.step()"
         results = trainer.run()

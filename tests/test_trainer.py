@@ -14,7 +14,7 @@ from metarun.checkpoint import load_checkpoint
 from metarun.cli import _register_resolvers
 from metarun.config import register_configs
 from metarun.trainer import NumericalError
-from tests.runs import read_scalars
+from tests.runs import poison_meta_loss, read_scalars
 from tests.test_scheduler import _straight_then_interrupted
 
 TINY = [
@@ -36,24 +36,9 @@ def _trainer(tmp_path, *overrides: str):
     return make_trainer(cfg, tmp_path, {"algo": "maml", "dataset": "sinusoid"})
 
 
-def _poison(trainer, at_iterations: set[int]) -> None:
-    """Make the meta-loss NaN at the given (1-based) iterations, as a diverging run would."""
-    real_step = trainer.algorithm.meta_train_step
-    calls = {"count": 0}
-
-    def step(batch):
-        calls["count"] += 1
-        loss, metrics = real_step(batch)
-        if calls["count"] in at_iterations:
-            return loss * float("nan"), {name: float("nan") for name in metrics}
-        return loss, metrics
-
-    trainer.algorithm.meta_train_step = step
-
-
 def test_nan_loss_stops_the_run_naming_the_iteration(tmp_path):
     trainer = _trainer(tmp_path)
-    _poison(trainer, {6})
+    poison_meta_loss(trainer, {6})
     with pytest.raises(NumericalError, match="became nan at iteration 6.*last.pt is the last good"):
         trainer.run()
     # The last good checkpoint is intact and untouched by the bad step.
@@ -62,7 +47,7 @@ def test_nan_loss_stops_the_run_naming_the_iteration(tmp_path):
 
 def test_nan_batches_can_be_skipped_and_counted(tmp_path):
     trainer = _trainer(tmp_path, "trainer.skip_non_finite=true")
-    _poison(trainer, {3, 7})
+    poison_meta_loss(trainer, {3, 7})
     before = {name: p.detach().clone() for name, p in trainer.algorithm.named_parameters()}
     results = trainer.run()
     assert results["complete"] and results["skipped_batches"] == 2 and results["iterations"] == 12
@@ -111,8 +96,12 @@ def test_the_trainer_clips_the_meta_gradient_an_algorithm_bounds(tmp_path, preci
     # One step, validated right after it (so meta-test loads the stepped weights as best.pt).
     trainer = _metalstm(tmp_path, "trainer.max_iters=1", "trainer.val_every=1",
                         f"trainer.precision={precision}")
+    if precision == "fp16":
+        # A scale the learner's loss-scaled inner gradient does not overflow at (the default
+        # 65536 does, on sinusoids: that step would be skipped, as the scaler skips any).
+        trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     length = _step_length(trainer)
-    # fp16: clipped after the loss scale (65536) is divided out, or the step would be 65536 times
+    # fp16: clipped after the loss scale (256) is divided out, or the step would be 256 times
     # shorter.
     assert length == pytest.approx(0.5 * 0.01, rel=1e-3)
     norms = read_scalars(tmp_path)["meta_train/meta_grad_norm"]
