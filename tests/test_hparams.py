@@ -145,3 +145,13 @@ def test_a_resumed_log_reads_back_after_the_interrupted_one_within_one_second(
     assert read_scalars(tmp_path)["meta_train/loss"] == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0), (8, 80.0)
     ]
+
+
+def test_a_log_folder_with_a_file_from_a_clock_far_ahead_is_not_waited_for(tmp_path):
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    ahead = int(time.time()) + 3600
+    (folder / f"events.out.tfevents.{ahead}.elsewhere.1.0").write_bytes(b"")
+    started = time.monotonic()
+    RunLogger(tmp_path, purge_step=5).close()
+    assert time.monotonic() - started < 30  # not the hour to that file's second
