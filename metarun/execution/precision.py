@@ -121,17 +121,21 @@ def loss_scale() -> float:
     return 1.0 if scope is None else scope.scale
 
 
-def inner_grad(loss: Tensor, inputs: Sequence[Tensor], **grad_kwargs: Any
-               ) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(loss, inputs, **grad_kwargs)`` for an inner-loop loss: under fp16
-    loss scaling (``scaled_task_losses``) taken of ``scale * loss`` and divided by ``scale``
-    again (differentiably, so a kept graph goes through the division), and recorded as such
-    (``inner_loss_scale``); at scale 1 the plain call."""
-    scale = inner_loss_scale()
+def scaled_grad(loss: Tensor, inputs: Sequence[Tensor], scale: float, **grad_kwargs: Any
+                ) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(loss, inputs, **grad_kwargs)`` taken of ``scale * loss`` and divided
+    by ``scale`` again (differentiably, so a kept graph goes through the division): a float16
+    backward keeps its small values; at scale 1 the plain call."""
     if scale == 1.0:
         return torch.autograd.grad(loss, inputs, **grad_kwargs)
     grads = torch.autograd.grad(loss * scale, inputs, **grad_kwargs)
     return tuple(None if g is None else g / scale for g in grads)
+
+
+def inner_grad(loss: Tensor, inputs: Sequence[Tensor], **grad_kwargs: Any
+               ) -> tuple[Tensor | None, ...]:
+    """``scaled_grad`` of an inner-loop loss at ``inner_loss_scale()`` (recorded as scaled)."""
+    return scaled_grad(loss, inputs, inner_loss_scale(), **grad_kwargs)
 
 
 def inner_loss_scale() -> float:

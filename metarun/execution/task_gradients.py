@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.execution import drivers
-from metarun.execution.precision import loss_scale
+from metarun.execution.precision import loss_scale, scaled_grad
 
 Params = dict[str, Tensor]
 #: ``task_scores(meta, task, shared)``: one task's scores (``"loss"`` among them, each of shape
@@ -83,13 +83,10 @@ def meta_gradient_surrogate(
             with torch.enable_grad():
                 scores = task_scores(leaves, i, shared_leaves)
                 task_loss = scores["loss"].sum() / tasks
-                grads = torch.autograd.grad(
-                    task_loss if scale == 1.0 else task_loss * scale,
-                    [*(leaves[name] for name in names), *shared_leaves],
+                grads = scaled_grad(
+                    task_loss, [*(leaves[name] for name in names), *shared_leaves], scale,
                     allow_unused=True,
                 )
-            if scale != 1.0:
-                grads = tuple(None if g is None else g / scale for g in grads)
             totals.add(i, grads[: len(names)])
             results.append((list(grads[len(names) :]), {k: v.detach() for k, v in scores.items()}))
         return results

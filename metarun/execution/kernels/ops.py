@@ -173,10 +173,14 @@ def _pool_layout(x: Tensor) -> bool | None:
     return True if x.is_contiguous(memory_format=torch.channels_last) else None
 
 
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _empty(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype, channels_last: bool
            ) -> Tensor:
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=layout)
+    return torch.empty(shape, dtype=dtype, device=like.device,
+                       memory_format=_layout(channels_last))
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -213,8 +217,7 @@ def _by_codes(kernel: str, tensor: Tensor, codes: Tensor, size: tuple[int, int],
               channels_last: bool, out_shape: tuple[int, ...]) -> Tensor:
     """``unpool2x2`` or ``gather2x2`` of ``tensor`` at the places ``codes`` name (a pool's input
     of spatial ``size``), into a new tensor of ``out_shape`` in the same layout."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    tensor = tensor.detach().contiguous(memory_format=layout)
+    tensor = tensor.detach().contiguous(memory_format=_layout(channels_last))
     out = _empty(out_shape, tensor, tensor.dtype, channels_last)
     _call(kernel, tensor.dtype, tensor.data_ptr(), codes.data_ptr(), out.data_ptr(),
           *codes.shape[:2], *size, int(channels_last))
@@ -376,8 +379,7 @@ class _BatchNormMaxPoolBackward(torch.autograd.Function):
     def forward(grad_y: Tensor, codes: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
                 rstd: Tensor, channels_last: bool) -> Any:
         n, c, h, w = x.shape
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        grad_y, x = grad_y.detach().contiguous(memory_format=layout), x.detach()
+        grad_y, x = grad_y.detach().contiguous(memory_format=_layout(channels_last)), x.detach()
         wv = _vector(weight, x)
         grad_x = torch.empty_like(x)
         grad_w, grad_b = x.new_empty(c), x.new_empty(c)
